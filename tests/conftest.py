@@ -1,0 +1,40 @@
+"""Shared fixtures. Data from ../shared (the hippocampus MRIs and the authors' model) is found beside the
+repository; tests that need it skip with the reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MEDNCA_SHARED", REPO.parent / "shared"))
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set MEDNCA_SHARED to the shared folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(SHARED, "the shared data folder")
+
+
+@pytest.fixture(scope="session")
+def hippocampus_dir(shared_dir) -> Path:
+    return _need(shared_dir / "data" / "hippocampus", "the MSD hippocampus data")
+
+
+@pytest.fixture(scope="session")
+def reference_dir(shared_dir) -> Path:
+    return _need(shared_dir / "reference" / "mednca_hippocampus", "the Med-NCA authors' reference model")
+
+
+@pytest.fixture(scope="session")
+def reference_model(reference_dir):
+    from mednca.checkpoint import import_reference
+
+    return import_reference(reference_dir)
