@@ -14,7 +14,7 @@ Randomness comes only from the ``torch.Generator`` handed in, so a seed fixes th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -153,7 +153,7 @@ class MedNCA(nn.Module):
     def iter_states(
         self,
         image: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         steps: tuple[int, ...] | None = None,
         fire_rate: float | None = None,
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -161,6 +161,8 @@ class MedNCA(nn.Module):
 
         ``image`` is ``[B, input_channels, H, W]`` at ``config.input_size``. The yielded state is the live
         tensor: copy what you keep. Stopping the iteration early stops the computation.
+        ``generator`` may be one generator per batch item: each item's fire masks then depend on its own
+        generator alone, so a slice gives the same result whatever else is in the batch.
         """
         cfg = self.config
         steps = cfg.steps if steps is None else tuple(steps)
@@ -182,14 +184,14 @@ class MedNCA(nn.Module):
             state[:, :k] = img
             for step in range(n_steps):
                 # a cell fires where its draw exceeds the fire rate, as in the authors' code
-                rand = torch.rand((img.shape[0], *img.shape[-2:]), generator=generator, device=img.device)
+                rand = _uniform((img.shape[0], *img.shape[-2:]), generator, img.device)
                 state = backbone.step(state, rand > fire_rate, k)
                 yield level, step, state
 
     def forward(
         self,
         image: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         steps: tuple[int, ...] | None = None,
         fire_rate: float | None = None,
     ) -> torch.Tensor:
@@ -199,3 +201,12 @@ class MedNCA(nn.Module):
             pass
         k = self.config.input_channels
         return state[:, k : k + self.config.output_channels]
+
+
+def _uniform(shape: tuple[int, ...], generator, device) -> torch.Tensor:
+    """Uniform draws for a batch, from one generator or from one generator per batch item."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])

@@ -1,0 +1,282 @@
+"""Segmenting volumes: slicing, batched stochastic runs, quality maps and recorded growth.
+
+Every entry point is a generator that yields ``Progress`` and returns its result, so a command line can
+drive a progress bar, a viewer can run it in a worker thread and cancel it by closing the generator, and a
+script can call the plain function. Slices are processed in chunks of ``CHUNK`` model inputs, which keeps
+the per-step tensors inside the CPU caches and the memory bounded for any volume size.
+
+Each (seed, run, slice) has its own random generator: a slice's result does not depend on the chunk size,
+the thread count or which other slices are processed, so the recorded growth of one slice ends exactly at
+the segmentation of the whole volume, and the first run of a quality map is the plain segmentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import MedNCA
+from .preprocess import prepare_slices, restore_slices
+from .volume import Volume, image_array
+
+CHUNK = 8  # model inputs per batch: 8 x 64x64 cells x 32 channels stay in L2-sized working sets
+DEFAULT_NQM_THRESHOLD = 0.1
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    stage: str
+
+
+@dataclass
+class Segmentation:
+    """Labels (0 background, k for class k) and per-class probabilities in the scan's own geometry."""
+
+    labels: Volume
+    probabilities: np.ndarray  # float32 [K, *volume.shape]
+    class_names: tuple[str, ...]
+    axis: int
+
+
+@dataclass
+class QualityReport:
+    """Agreement of ``runs`` stochastic runs. ``std`` marks where the model is unsure; NQM (sum of std over
+    sum of mean probability, M3D-NCA) is computed in the model's slice space, as the authors do."""
+
+    mean: np.ndarray  # float32 [K, *volume.shape]
+    std: np.ndarray  # float32 [K, *volume.shape]
+    labels: Volume  # from the mean probability
+    nqm: float
+    slice_nqm: np.ndarray  # [n_slices] along axis
+    flagged_slices: list[int]  # slices with NQM above the threshold, least trustworthy first
+    axis: int
+    runs: int
+    class_names: tuple[str, ...]
+
+
+@dataclass
+class GrowthFrame:
+    """The output after one step of one level, in native slice geometry."""
+
+    level: int
+    step: int
+    probability: np.ndarray  # float32 [K, *shape of the selected slices in volume layout]
+    hidden: np.ndarray | None  # float32 [channels - inputs - K, n_slices, h, w] at the level's size
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Use ``n`` intra-op threads inside the block and restore the caller's setting after it."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def slice_generators(seed: int, run: int, slices: Sequence[int]) -> list[torch.Generator]:
+    """One generator per slice, seeded from (seed, run, slice index)."""
+    gens = []
+    for s in slices:
+        state = np.random.SeedSequence([int(seed), int(run), int(s)]).generate_state(2, np.uint32)
+        gens.append(torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1])))
+    return gens
+
+
+def _model_inputs(model: MedNCA, volume: Volume, axis: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """All slices along ``axis``, prepared as the model's metadata says: ``[S, 1, h, w]`` and native size."""
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+    slices = np.moveaxis(image_array(volume), axis, 0)
+    cfg, prep = model.config, model.preprocessing
+    if prep.scope == "volume":
+        inputs = prepare_slices(torch.from_numpy(np.ascontiguousarray(slices)), cfg.input_size, prep)
+    else:  # per-slice statistics: prepare in chunks, so a large scan is never copied whole
+        inputs = torch.cat([
+            prepare_slices(torch.from_numpy(np.ascontiguousarray(slices[i : i + 64])), cfg.input_size, prep)
+            for i in range(0, len(slices), 64)
+        ])
+    return inputs, tuple(slices.shape[1:])
+
+
+def _outputs(model: MedNCA, state: torch.Tensor) -> torch.Tensor:
+    k = model.config.input_channels
+    return torch.sigmoid(state[:, k : k + model.config.output_channels])
+
+
+def _run_chunks(model, inputs, items, seed, steps, fire_rate, stage) -> Generator[Progress, None, torch.Tensor]:
+    """Model-space probabilities for ``items`` = [(run, slice), ...], in chunks, with progress."""
+    out = torch.empty((len(items), model.config.output_channels, *model.config.input_size))
+    for start in range(0, len(items), CHUNK):
+        part = items[start : start + CHUNK]
+        gens = [slice_generators(seed, r, [s])[0] for r, s in part]
+        with torch.no_grad():
+            logits = model(inputs[[s for _, s in part]], gens, steps, fire_rate)
+        out[start : start + len(part)] = torch.sigmoid(logits)
+        yield Progress(start + len(part), len(items), stage)
+    return out
+
+
+def _to_native(prob: torch.Tensor, native: tuple[int, int], axis: int) -> np.ndarray:
+    """Model-space ``[S, K, h, w]`` -> ``[K, *volume.shape]`` float32, restored chunk by chunk."""
+    parts = [restore_slices(prob[i : i + 64], native) for i in range(0, prob.shape[0], 64)]
+    native_prob = torch.cat(parts).permute(1, 0, 2, 3).numpy()  # [K, S, H, W]
+    return np.ascontiguousarray(np.moveaxis(native_prob, 1, axis + 1), dtype=np.float32)
+
+
+def labels_from_probabilities(prob: np.ndarray) -> np.ndarray:
+    """``[K, ...]`` probabilities -> uint8 labels: one class, p > 0.5; several, the most probable class
+    where its probability exceeds 0.5."""
+    if prob.shape[0] == 1:
+        return (prob[0] > 0.5).astype(np.uint8)
+    best = prob.argmax(0)
+    return np.where(prob.max(0) > 0.5, best + 1, 0).astype(np.uint8)
+
+
+def segment_iter(
+    model: MedNCA,
+    volume: Volume,
+    *,
+    axis: int | None = None,
+    seed: int = 0,
+    steps: tuple[int, ...] | None = None,
+    fire_rate: float | None = None,
+    threads: int | None = None,
+) -> Generator[Progress, None, Segmentation]:
+    """Segment ``volume``; yields progress, returns the ``Segmentation``."""
+    axis = model.preprocessing.axis if axis is None else axis
+    with torch_threads(threads):
+        inputs, native = _model_inputs(model, volume, axis)
+    items = [(0, s) for s in range(inputs.shape[0])]
+    prob = yield from _threaded(_run_chunks(model, inputs, items, seed, steps, fire_rate, "segment"), threads)
+    with torch_threads(threads):
+        native_prob = _to_native(prob, native, axis)
+    return Segmentation(
+        labels=volume.like(labels_from_probabilities(native_prob)),
+        probabilities=native_prob,
+        class_names=model.config.class_names,
+        axis=axis,
+    )
+
+
+def quality_iter(
+    model: MedNCA,
+    volume: Volume,
+    runs: int = 10,
+    *,
+    axis: int | None = None,
+    seed: int = 0,
+    steps: tuple[int, ...] | None = None,
+    fire_rate: float | None = None,
+    threads: int | None = None,
+    nqm_threshold: float = DEFAULT_NQM_THRESHOLD,
+) -> Generator[Progress, None, QualityReport]:
+    """``runs`` stochastic runs of every slice, batched together; yields progress, returns the report."""
+    if runs < 2:
+        raise ValueError(f"a quality map needs at least 2 runs, got {runs}")
+    axis = model.preprocessing.axis if axis is None else axis
+    with torch_threads(threads):
+        inputs, native = _model_inputs(model, volume, axis)
+    n = inputs.shape[0]
+    items = [(r, s) for r in range(runs) for s in range(n)]
+    prob = yield from _threaded(_run_chunks(model, inputs, items, seed, steps, fire_rate, "quality"), threads)
+    prob = prob.view(runs, n, *prob.shape[1:])
+    mean, std = prob.mean(0), prob.std(0, unbiased=False)
+    slice_mass = mean.sum((1, 2, 3)).double()
+    slice_std = std.sum((1, 2, 3)).double()
+    # a slice with (almost) nothing predicted and nothing uncertain scores 0, not 0/0
+    slice_nqm = torch.where(slice_mass > 1.0, slice_std / slice_mass.clamp(min=1.0), slice_std).numpy()
+    total = float(mean.sum())
+    nqm = float(std.sum()) / total if total > 0 else 0.0
+    with torch_threads(threads):
+        native_mean = _to_native(mean, native, axis)
+        native_std = _to_native(std, native, axis)
+    flagged = [int(i) for i in np.argsort(-slice_nqm, kind="stable") if slice_nqm[i] > nqm_threshold]
+    return QualityReport(
+        mean=native_mean,
+        std=native_std,
+        labels=volume.like(labels_from_probabilities(native_mean)),
+        nqm=nqm,
+        slice_nqm=slice_nqm,
+        flagged_slices=flagged,
+        axis=axis,
+        runs=runs,
+        class_names=model.config.class_names,
+    )
+
+
+def record_growth(
+    model: MedNCA,
+    volume: Volume,
+    *,
+    slices: Sequence[int] | None = None,
+    axis: int | None = None,
+    seed: int = 0,
+    steps: tuple[int, ...] | None = None,
+    fire_rate: float | None = None,
+    hidden: bool = False,
+) -> Iterator[GrowthFrame]:
+    """Yield the output after every step of every level for the chosen slices (default: all).
+
+    Only the current frame is held: a caller that wants the whole animation keeps the frames it needs.
+    The last frame equals ``segment(...)``'s probabilities on those slices for the same seed.
+    """
+    axis = model.preprocessing.axis if axis is None else axis
+    inputs, native = _model_inputs(model, volume, axis)
+    chosen = list(range(inputs.shape[0])) if slices is None else [int(s) for s in slices]
+    if any(not 0 <= s < inputs.shape[0] for s in chosen):
+        raise ValueError(f"slices must lie in 0..{inputs.shape[0] - 1} along axis {axis}, got {chosen}")
+    k, kout = model.config.input_channels, model.config.output_channels
+    gens = slice_generators(seed, 0, chosen)
+    states = model.iter_states(inputs[chosen], gens, steps, fire_rate)
+    while True:
+        with torch.no_grad():
+            item = next(states, None)
+            if item is None:
+                return
+            level, step, state = item
+            prob = _to_native(_outputs(model, state), native, axis)
+            extra = state[:, k + kout :].permute(1, 0, 2, 3).clone().numpy() if hidden else None
+        yield GrowthFrame(level, step, prob, extra)
+
+
+def _threaded(gen: Generator, threads: int | None):
+    """Run a generator with the thread setting applied only while it computes, not while it is paused."""
+    result = None
+    while True:
+        with torch_threads(threads):
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+        yield item
+    return result
+
+
+def segment(model: MedNCA, volume: Volume, **kwargs) -> Segmentation:
+    """Segment ``volume`` (see ``segment_iter`` for the options)."""
+    return _finish(segment_iter(model, volume, **kwargs))
+
+
+def quality_map(model: MedNCA, volume: Volume, runs: int = 10, **kwargs) -> QualityReport:
+    """Quality map of ``runs`` stochastic runs (see ``quality_iter`` for the options)."""
+    return _finish(quality_iter(model, volume, runs, **kwargs))
+
+
+def _finish(gen: Generator):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
