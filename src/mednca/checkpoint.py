@@ -153,7 +153,9 @@ def import_reference(directory: str | os.PathLike) -> MedNCA:
             raise CheckpointError(f"{f.name} is not a plain PyTorch weights file ({type(e).__name__}: {e})") from None
         if not isinstance(sd, dict) or set(sd) != set(REFERENCE_KEYS):
             got = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
-            raise CheckpointError(f"{f.name} is not a Med-NCA backbone: expected keys {sorted(REFERENCE_KEYS)}, got {got}")
+            raise CheckpointError(
+                f"{f.name} is not a Med-NCA backbone: expected keys {sorted(REFERENCE_KEYS)}, got {got}"
+            )
         p = f"backbones.{level}."
         state[p + "perceive.weight"] = torch.cat(
             [sd["p0.weight"].transpose(-1, -2), sd["p1.weight"].transpose(-1, -2)], 0
@@ -194,7 +196,9 @@ def _load_state(model: MedNCA, tensors: dict[str, torch.Tensor], name: str) -> N
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{name}: weights do not fit the architecture (missing {missing}, unexpected {unexpected})")
+        raise CheckpointError(
+            f"{name}: weights do not fit the architecture (missing {missing}, unexpected {unexpected})"
+        )
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
             raise CheckpointError(f"{name}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")

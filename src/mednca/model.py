@@ -196,8 +196,7 @@ class MedNCA(nn.Module):
         fire_rate: float | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, output_channels, H, W]`` after all levels."""
-        state = None
-        for _, _, state in self.iter_states(image, generator, steps, fire_rate):
+        for _, _, state in self.iter_states(image, generator, steps, fire_rate):  # noqa: B007 (the last one)
             pass
         k = self.config.input_channels
         return state[:, k : k + self.config.output_channels]
