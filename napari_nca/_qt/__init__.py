@@ -1,0 +1,1 @@
+"""Qt dock widgets (the only place in the project that imports Qt)."""
