@@ -1,0 +1,94 @@
+"""Opening scans and label maps in napari with their physical geometry.
+
+Layers get the voxel spacing as scale and the origin as translate, so napari's measurements are in
+millimetres, and carry the full geometry in their metadata (see ``_layers``) for segmentation and saving.
+A label map opens as a Labels layer: recognised by its name ("label", "seg", "mask") or by holding integers
+with few distinct values, as MSD ``labelsTr`` files do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from mednca.errors import VolumeError
+from mednca.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, check_labels, read_volume
+
+from ._layers import layer_kwargs
+
+SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+LABEL_NAME = re.compile(r"label|seg|mask", re.IGNORECASE)
+MAX_LABEL_VALUES = 16  # an integer scan has hundreds of grey values; a label map has a handful of classes
+DICOM_PROBE = 20  # files looked at when deciding whether a folder holds DICOM
+
+
+def get_reader(path: str | os.PathLike | list):
+    """The reader for ``path`` (a scan file, a DICOM series folder, or a list of them), or None when
+    napari-nca does not read it, so that napari can try other plugins."""
+    paths = path if isinstance(path, list | tuple) else [path]
+    if not paths or not all(_readable(Path(p)) for p in paths):
+        return None
+    return read_scans
+
+
+def read_scans(path: str | os.PathLike | list) -> list[tuple]:
+    """Layer data tuples for each path. A damaged file raises ``VolumeError`` naming it (napari shows it)."""
+    paths = path if isinstance(path, list | tuple) else [path]
+    return [volume_layer_data(read_volume(p), _layer_name(Path(p))) for p in paths]
+
+
+def volume_layer_data(volume: Volume, name: str) -> tuple:
+    """``(data, kwargs, layer_type)`` for a volume: a Labels layer for a label map, an Image otherwise."""
+    if is_label_map(volume, name):
+        labels = volume.like(check_labels(volume.array, volume))  # keeps the file as a source not to overwrite
+        return labels.array, {"name": name, **layer_kwargs(labels)}, "labels"
+    return volume.array, {"name": name, **layer_kwargs(volume)}, "image"
+
+
+def is_label_map(volume: Volume, name: str) -> bool:
+    array = volume.array
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        if array.dtype == bool or array.min() >= 0 and len(np.unique(array)) <= MAX_LABEL_VALUES:
+            return True
+        return bool(LABEL_NAME.search(name)) and array.min() >= 0
+    if LABEL_NAME.search(name) and np.issubdtype(array.dtype, np.floating):
+        try:  # a label map stored as floats: whole, non-negative numbers only
+            check_labels(array, volume)
+        except VolumeError:
+            return False
+        return True
+    return False
+
+
+def _layer_name(path: Path) -> str:
+    name = path.name
+    for suffix in SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _readable(path: Path) -> bool:
+    if path.is_dir():
+        return _holds_dicom(path)
+    return path.name.lower().endswith(SUFFIXES)
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """True when one of the first files of the folder is DICOM: the 'DICM' tag after the 128-byte preamble."""
+    try:
+        files = [f for f in sorted(folder.iterdir())[: DICOM_PROBE * 5] if f.is_file()][:DICOM_PROBE]
+    except OSError:
+        return False
+    for f in files:
+        try:
+            with open(f, "rb") as handle:
+                handle.seek(128)
+                if handle.read(4) == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False
