@@ -1,0 +1,86 @@
+"""The Segment widget driven as a user would: open a scan, segment it, record and replay the growth,
+export the animation, cancel a run, save the labels in the scan's geometry."""
+
+from __future__ import annotations
+
+import imageio.v3 as iio
+import nibabel as nib
+import numpy as np
+import pytest
+from gui_support import assert_not_blank, phantom_copy, tiny_model_path, wait_for  # noqa: F401
+from napari.layers import Image, Labels
+from qtpy.QtCore import Qt
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture
+def segment_ui(make_napari_viewer, phantom_copy, tiny_model_path):  # noqa: F811
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(str(phantom_copy), plugin="napari-nca")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nca", "Segment")
+    widget.picker.set_path(tiny_model_path)
+    return viewer, widget, image
+
+
+def test_segment_record_growth_export_and_save(segment_ui, qtbot, tmp_path, phantom_copy):  # noqa: F811
+    viewer, widget, image = segment_ui
+    assert isinstance(image, Image) and widget.image.value is image
+    assert widget.steps.value == 4  # the model's own settings are the starting values
+
+    qtbot.mouseClick(widget.segment_button, Qt.LeftButton)
+    wait_for(qtbot, widget.progress)
+    seg = viewer.layers["phantom segmentation"]
+    assert isinstance(seg, Labels) and seg.data.shape == image.data.shape
+    assert list(seg.features["class"]) == ["background", "foreground"]
+    assert widget.progress.label.text() == "done"
+    # the slider runs along the model's slice axis (2): the view shows axes 0 and 1
+    assert tuple(viewer.dims.displayed) == (0, 1)
+
+    viewer.dims.set_current_step(2, 20)
+    qtbot.mouseClick(widget.growth_button, Qt.LeftButton)
+    wait_for(qtbot, widget.progress)
+    growth = viewer.layers["phantom growth: foreground"]
+    assert growth.data.shape == (8, 36, 50, 1)  # 4 + 4 steps of the chosen slice
+    assert viewer.dims.nsteps[0] == 8 and viewer.dims.current_step[3] == 20
+    shots = []
+    for step in (0, 7):
+        viewer.dims.set_current_step(0, step)
+        shots.append(viewer.screenshot(canvas_only=True, flash=False))
+    assert not np.array_equal(shots[0], shots[1]), "stepping through the growth changes nothing on screen"
+
+    gif = tmp_path / "growth.gif"
+    assert widget.export_animation(gif)
+    assert iio.imread(gif, index=None).shape[0] == 8
+
+    out = tmp_path / "phantom_seg.nii.gz"
+    seg.save(str(out), plugin="napari-nca")
+    np.testing.assert_allclose(nib.load(out).affine, nib.load(phantom_copy).affine)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj), seg.data)
+
+    shot = tmp_path / "segment.png"
+    viewer.window.screenshot(str(shot), canvas_only=False)
+    assert_not_blank(iio.imread(shot))
+
+
+def test_cancel_stops_a_run_without_a_result(segment_ui, qtbot):
+    viewer, widget, _ = segment_ui
+    widget.steps.value = 400  # long enough to cancel midway
+    worker = widget.segment()
+    widget.progress.cancel_button.click()
+    wait_for(qtbot, widget.progress)
+    assert worker.abort_requested
+    assert widget.progress.label.text() == "cancelled"
+    assert "phantom segmentation" not in viewer.layers
+
+
+def test_bad_input_becomes_a_notification(segment_ui, qtbot, monkeypatch):
+    viewer, widget, image = segment_ui
+    shown = []
+    monkeypatch.setattr("napari_nca._qt._common.show_error", shown.append)
+    image.data = np.full(image.data.shape, np.nan, np.float32)
+    widget.segment()
+    wait_for(qtbot, widget.progress)
+    assert shown and "no finite value" in shown[0]
+    assert widget.progress.label.text().startswith("failed")
+    assert "phantom segmentation" not in viewer.layers
