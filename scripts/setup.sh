@@ -3,12 +3,12 @@
 # the CPU build of torch first (a constraint keeps pip from pulling a CUDA build), then the project.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if command -v apt-get >/dev/null 2>&1 && ! command -v xvfb-run >/dev/null 2>&1; then
+APT_PACKAGES="xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
+    libxcb-randr0 libxcb-shape0 libxcb-xfixes0 libxkbcommon-x11-0 libgl1 libegl1 libdbus-1-3 libfontconfig1"
+if command -v apt-get >/dev/null 2>&1 && ! dpkg -s $APT_PACKAGES >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-        xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0 \
-        libxkbcommon-x11-0 libgl1 libegl1 libdbus-1-3 >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $APT_PACKAGES >/dev/null
 fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
