@@ -176,10 +176,12 @@ def main() -> None:
         print(f"\n--- {threads} thread(s) ---")
         print(f"matmul peak (2048x2048 float32)     {peak:8.1f} GFLOP/s")
         print(f"arithmetic limit (FLOP / peak)      {limit * 1000:8.0f} ms per volume")
-        print(f"ours: per volume (preprocessing to labels) {t_ours * 1000:8.0f} ms, {t_ours / n * 1000:6.1f} ms per slice")
+        print(f"ours: per volume (preprocessing to labels) {t_ours * 1000:8.0f} ms,"
+              f" {t_ours / n * 1000:6.1f} ms per slice")
         print(f"      level 0 (16x16) per slice-step       {t_l0 / (n * 16) * 1000:8.3f} ms")
         print(f"      level 1 (64x64) per slice-step       {t_l1 / (n * 16) * 1000:8.3f} ms")
-        print(f"      effective rate {flop / t_ours / 1e9:6.1f} GFLOP/s = {flop / t_ours / 1e9 / peak:.2f} of matmul peak;"
+        rate = flop / t_ours / 1e9
+        print(f"      effective rate {rate:6.1f} GFLOP/s = {rate / peak:.2f} of matmul peak;"
               f" time / arithmetic limit = {t_ours / limit:.2f}")
         print(f"authors' operations (baseline), model only  {t_base * 1000:8.0f} ms per volume")
         print(f"speed-up over the baseline                  {t_base / t_ours:8.2f}x")
