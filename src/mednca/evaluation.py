@@ -1,0 +1,407 @@
+"""Measuring a model against labelled scans: Dice per case, and whether the quality map can be trusted.
+
+Dice is computed at each scan's NATIVE resolution, on the labels inference really produces (probabilities
+resized back to the scan, then labelled), because that is what a user gets; the model-space Dice printed
+during training is computed on 64x64 slices and reads higher.
+
+The quality map (NQM = sum of std over sum of mean probability across stochastic runs) is only useful if it
+is high where the segmentation is bad. The report therefore gives the correlation between NQM and Dice over
+the evaluated cases: a clearly negative value means NQM points at failures, a value near zero means it does
+not, and with a handful of cases neither is reliable, so the number of cases is always reported with it.
+
+A model trained with ``mednca.training`` records its validation cases; ``cases="validation"`` evaluates on
+exactly those, so a shipped model is scored on scans it never saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import decathlon_pairs
+from .errors import MedNCAError
+from .inference import Progress, quality_iter, segment_iter
+from .model import MedNCA
+from .volume import Volume, check_labels, read_volume
+
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass
+class CaseResult:
+    """One scan's scores. ``dice`` maps each class name to its Dice; ``nqm`` is None without a quality map."""
+
+    case: str
+    dice_whole: float
+    dice: dict[str, float]
+    nqm: float | None
+    seconds: float
+
+
+@dataclass
+class EvaluationReport:
+    """Per-case scores with their summary. ``columns`` are the numeric columns of the table, in order:
+    ``dice_whole``, ``dice_<class>`` for every class of a multi-class model, ``nqm`` (when quality maps were
+    computed) and ``seconds``."""
+
+    rows: list[CaseResult]
+    class_names: tuple[str, ...]
+    quality_runs: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def columns(self) -> list[str]:
+        cols = ["dice_whole"] + [f"dice_{name}" for name in self._per_class()]
+        return cols + (["nqm"] if self.has_quality else []) + ["seconds"]
+
+    @property
+    def has_quality(self) -> bool:
+        """Whether the cases were scored with quality maps (and so have an NQM)."""
+        return any(row.nqm is not None for row in self.rows)
+
+    def _per_class(self) -> tuple[str, ...]:
+        # with one class, its Dice is the whole structure's: no second, identical column
+        return self.class_names if len(self.class_names) > 1 else ()
+
+    def values(self, column: str) -> np.ndarray:
+        """The column's value for every case, in row order (NaN where missing)."""
+        return np.array([_nan(_cell(row, column)) for row in self.rows], dtype=np.float64)
+
+    def summary(self) -> dict[str, tuple[float, float]]:
+        """Mean and (population) standard deviation of every column over the cases."""
+        out = {}
+        for col in self.columns:
+            v = self.values(col)
+            v = v[np.isfinite(v)]
+            out[col] = (float(v.mean()), float(v.std())) if v.size else (math.nan, math.nan)
+        return out
+
+    def correlation(self) -> dict[str, float | int]:
+        """Pearson and Spearman correlation of NQM with whole-structure Dice across cases, and the number of
+        cases ``n`` they rest on. Negative is what a useful quality map shows (high NQM, low Dice); NaN when
+        there is no quality map, fewer than 3 cases, or no spread in either column."""
+        if not self.has_quality:
+            return {"pearson": math.nan, "spearman": math.nan, "n": 0}
+        nqm, dice = self.values("nqm"), self.values("dice_whole")
+        ok = np.isfinite(nqm) & np.isfinite(dice)
+        x, y = nqm[ok], dice[ok]
+        return {"pearson": pearson(x, y), "spearman": spearman(x, y), "n": int(x.size)}
+
+    # ---------------------------------------------------------------------------------------- output
+
+    def table(self) -> str:
+        """The per-case table with mean ± std and the NQM/Dice correlation under it, for printing."""
+        head = ["case"] + self.columns
+        body = [[row.case] + [_fmt(col, _cell(row, col)) for col in self.columns] for row in self.rows]
+        summary = self.summary()
+        body.append(["mean ± std"] + [f"{_fmt(c, summary[c][0])} ± {_fmt(c, summary[c][1])}" for c in self.columns])
+        lines = _aligned([head, *body])
+        rule = "-" * len(lines[0])
+        lines = [lines[0], rule, *lines[1:-1], rule, lines[-1]]
+        lines.append(f"{len(self.rows)} cases")
+        if self.has_quality:
+            c = self.correlation()
+            runs = f" ({self.quality_runs} runs each)" if self.quality_runs else ""
+            lines.append(
+                f"NQM vs whole Dice over {c['n']} cases{runs}: Pearson "
+                f"{c['pearson']:+.3f}, Spearman {c['spearman']:+.3f} (negative: high NQM flags bad cases)"
+            )
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """One row per case (no summary rows, so the file loads straight into a data frame)."""
+        rows = [["case"] + self.columns]
+        rows += [[row.case] + [_csv_value(_cell(row, col)) for col in self.columns] for row in self.rows]
+        return _atomic_write(path, lambda f: csv.writer(f, lineterminator="\n").writerows(rows))
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Rows, summary, correlation and how the evaluation was run (model, seed, runs)."""
+        doc = {
+            "class_names": list(self.class_names),
+            "quality_runs": self.quality_runs,
+            "meta": self.meta,
+            "rows": [
+                {"case": r.case, "dice_whole": r.dice_whole, "dice": r.dice, "nqm": r.nqm, "seconds": r.seconds}
+                for r in self.rows
+            ],
+            "summary": {k: {"mean": _json_num(m), "std": _json_num(s)} for k, (m, s) in self.summary().items()},
+            "correlation": {k: _json_num(v) for k, v in self.correlation().items()},
+        }
+        return _atomic_write(path, lambda f: json.dump(doc, f, indent=2))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> EvaluationReport:
+        doc = json.loads(Path(path).read_text())
+        rows = [CaseResult(r["case"], r["dice_whole"], r["dice"], r["nqm"], r["seconds"]) for r in doc["rows"]]
+        return cls(rows, tuple(doc["class_names"]), doc["quality_runs"], doc.get("meta", {}))
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> EvaluationReport:
+        """Read back ``to_csv``'s file. The file holds no run count (``quality_runs`` is 0), and a single-class
+        model's class name is not in it: pass it as ``class_names`` (default "foreground")."""
+        with open(path, newline="") as f:
+            records = list(csv.DictReader(f))
+            header = records[0].keys() if records else []
+        named = tuple(c.removeprefix("dice_") for c in header if c.startswith("dice_") and c != "dice_whole")
+        names = named or tuple(class_names or ("foreground",))
+        rows = []
+        for rec in records:
+            whole = float(rec["dice_whole"])
+            dice = {n: float(rec[f"dice_{n}"]) for n in named} or {names[0]: whole}
+            nqm = float(rec["nqm"]) if rec.get("nqm") else None
+            rows.append(CaseResult(rec["case"], whole, dice, nqm, float(rec["seconds"])))
+        return cls(rows, names)
+
+
+# ------------------------------------------------------------------------------------------- scores
+
+
+def dice_score(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two boolean masks. Both empty counts as 1.0: the model correctly found nothing."""
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    total = int(pred.sum()) + int(target.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, target).sum()) / total
+
+
+def case_dice(pred: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> tuple[float, dict[str, float]]:
+    """Whole-structure Dice (any label > 0 against any prediction > 0) and Dice per class (label k against
+    prediction k, class k named ``class_names[k - 1]``). With one class, every label > 0 is that class, as in
+    training. Both empty counts as 1.0."""
+    if pred.shape != labels.shape:
+        raise MedNCAError(f"prediction shape {pred.shape} does not match the labels' shape {labels.shape}")
+    whole = dice_score(pred > 0, labels > 0)
+    if len(class_names) == 1:
+        return whole, {class_names[0]: whole}
+    top = int(labels.max(initial=0))
+    if top > len(class_names):
+        raise MedNCAError(f"the labels hold class {top}, but the model has only {len(class_names)} classes")
+    return whole, {name: dice_score(pred == k, labels == k) for k, name in enumerate(class_names, start=1)}
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; NaN with fewer than 3 pairs or a constant column."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < 3 or x.size != y.size or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    dx, dy = x - x.mean(), y - y.mean()
+    return float((dx * dy).sum()) / math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation: Pearson of the ranks, ties sharing their average rank."""
+    return pearson(ranks(x), ranks(y))
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks; equal values get the mean of the ranks they span."""
+    values = np.asarray(values, np.float64)
+    order = np.argsort(values, kind="stable")
+    sorted_vals = values[order]
+    out = np.empty(values.size, np.float64)
+    start = 0
+    while start < values.size:
+        end = start + 1
+        while end < values.size and sorted_vals[end] == sorted_vals[start]:
+            end += 1
+        out[order[start:end]] = (start + end + 1) / 2.0  # mean of ranks start+1 .. end
+        start = end
+    return out
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_iter(
+    model: MedNCA,
+    data,
+    *,
+    quality_runs: int = 0,
+    seed: int = 0,
+    cases: str | Sequence[str] | None = None,
+    threads: int | None = None,
+) -> Generator[Progress, None, EvaluationReport]:
+    """Score ``model`` on labelled scans; yields ``Progress`` and returns the report.
+
+    ``Progress.done`` counts finished cases and ``stage`` names the case being worked on; while a case runs,
+    progress is also yielded after every chunk of slices (``done`` unchanged), so stopping the iteration
+    cancels within seconds, not only between cases.
+
+    ``data``: a Decathlon task folder, or a list of (image, label) pairs given as paths or Volumes.
+    ``cases``: None or "all" for every case, "validation" for the model's recorded validation cases, or a
+    list of case ids (file names without extension, e.g. "hippocampus_374"). With ``quality_runs >= 2``
+    each case gets a quality map of that many runs: its NQM is reported and its labels (from the mean
+    probability) are scored; otherwise the plain segmentation is scored. Stopping the iteration cancels.
+    """
+    if quality_runs == 1 or quality_runs < 0:
+        raise MedNCAError(f"a quality map needs at least 2 runs (or 0 for none), got {quality_runs}")
+    chosen = select_cases(model, data_pairs(data), cases)
+    names = model.config.class_names
+    rows: list[CaseResult] = []
+    yield Progress(0, len(chosen), "evaluate")
+    for done, (case, image, label) in enumerate(chosen, start=1):
+        start = time.perf_counter()
+        volume = image if isinstance(image, Volume) else read_volume(image)
+        labels = check_labels(label if isinstance(label, Volume) else read_volume(label), volume)
+        opts = dict(seed=seed, threads=threads)
+        if quality_runs >= 2:
+            work = quality_iter(model, volume, quality_runs, **opts)
+        else:
+            work = segment_iter(model, volume, **opts)
+        result = yield from _as_case_progress(work, done - 1, len(chosen), case)
+        nqm = result.nqm if quality_runs >= 2 else None
+        whole, per_class = case_dice(result.labels.array, labels, names)
+        rows.append(CaseResult(case, whole, per_class, nqm, time.perf_counter() - start))
+        yield Progress(done, len(chosen), case)
+    meta = {"seed": seed, "model": model.provenance.get("source", ""), "cases": _describe(cases)}
+    return EvaluationReport(rows, tuple(names), quality_runs, meta)
+
+
+def evaluate(model: MedNCA, data, **kwargs) -> EvaluationReport:
+    """``evaluate_iter`` run to the end (see it for the options)."""
+    gen = evaluate_iter(model, data, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _as_case_progress(work: Generator, done: int, total: int, case: str) -> Generator[Progress, None, object]:
+    """Pass an inference generator's slice progress on as case progress; return its result."""
+    while True:
+        try:
+            next(work)
+        except StopIteration as stop:
+            return stop.value
+        yield Progress(done, total, case)
+
+
+def data_pairs(data) -> list[tuple[str, Volume | Path, Volume | Path]]:
+    """``(case id, image, label)`` for a Decathlon folder or a list of pairs; nothing is read yet."""
+    if isinstance(data, str | os.PathLike):
+        folder = Path(data)
+        if not folder.is_dir():
+            raise MedNCAError(f"data folder not found: {folder}")
+        pairs: list = decathlon_pairs(folder)
+    else:
+        pairs = list(data)
+    if not pairs:
+        raise MedNCAError("no labelled cases given")
+    out = []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise MedNCAError(f"case {i} must be an (image, label) pair")
+        image, label = (p if isinstance(p, Volume) else Path(p) for p in pair)
+        out.append((case_id(image, i), image, label))
+    ids = [c for c, _, _ in out]
+    if len(set(ids)) != len(ids):
+        dup = sorted({c for c in ids if ids.count(c) > 1})
+        raise MedNCAError(f"several cases share the id(s) {dup}; case ids come from the image file names")
+    return out
+
+
+def case_id(image: Volume | Path, index: int) -> str:
+    """The id training records for a case (see ``mednca.data``): the image file name without ``.nii.gz`` /
+    ``.nii``, or ``case_<index>`` for an in-memory volume."""
+    source = image.source if isinstance(image, Volume) else image
+    if source is None:
+        return f"case_{index:04d}"
+    return Path(source).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def select_cases(model: MedNCA, pairs: list, cases: str | Sequence[str] | None) -> list:
+    """The pairs named by ``cases`` (see ``evaluate_iter``), in the data's order."""
+    if cases is None or cases == "all":
+        return pairs
+    if cases == "validation":
+        wanted = model.provenance.get("validation_cases")
+        if not wanted:
+            raise MedNCAError(
+                "the model records no validation cases (it was not trained with mednca.training); "
+                "choose the cases to evaluate, or all of them"
+            )
+    elif isinstance(cases, str):
+        raise MedNCAError(f"cases must be 'all', 'validation' or a list of case ids, got {cases!r}")
+    else:
+        wanted = list(cases)
+    known = {c for c, _, _ in pairs}
+    missing = [c for c in wanted if c not in known]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise MedNCAError(f"{len(missing)} requested case(s) are not in the data: {shown}")
+    wanted_set = set(wanted)
+    return [p for p in pairs if p[0] in wanted_set]
+
+
+def _describe(cases) -> str | list[str]:
+    return "all" if cases is None else cases if isinstance(cases, str) else list(cases)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _cell(row: CaseResult, column: str) -> float | None:
+    if column == "dice_whole":
+        return row.dice_whole
+    if column == "nqm":
+        return row.nqm
+    if column == "seconds":
+        return row.seconds
+    return row.dice.get(column.removeprefix("dice_"))
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as text columns: the first left-aligned, the numbers right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells))
+    return lines
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _fmt(column: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}" if column == "seconds" else f"{value:.4f}"
+
+
+def _csv_value(value) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _json_num(value):
+    """JSON has no NaN: a missing statistic is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write a text file through a temporary file in the same folder, so a crash never leaves half a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise MedNCAError(f"{path} is a folder; give a file name to write the report to")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
