@@ -1,0 +1,146 @@
+"""Accuracy of the shipped hippocampus model beside the Med-NCA authors' model, on cases ours never saw.
+
+    python benchmarks/accuracy.py [--limit K] [--quality 10] [--shared ../shared] [--threads 1]
+
+Both models segment the shipped model's validation cases (recorded in its provenance) at native resolution
+with a quality map of ``--quality`` stochastic runs; the report gives whole-hippocampus Dice, Dice per class
+(the shipped model separates anterior and posterior; the authors' model has one class), NQM, and how well NQM
+flags the bad cases (its correlation with Dice: negative is useful). Written to benchmarks/results/accuracy.txt,
+with the per-case reports as JSON beside it.
+
+Caveat printed with the numbers: the authors trained on their own random 70% of MSD Task04, so some of these
+cases were probably in their training set, which favours their model. Until the shipped model exists, the
+validation cases are those its training script holds out (val_fraction 0.1, seed 0 over dataset.json's order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mednca.checkpoint import import_reference
+from mednca.data import split_cases
+from mednca.errors import CheckpointError
+from mednca.evaluation import EvaluationReport, data_pairs, evaluate_iter
+from mednca.registry import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def run(name: str, model, data: Path, cases: list[str], quality: int, threads: int) -> EvaluationReport:
+    """Evaluate with a one-line progress counter on stderr."""
+    gen = evaluate_iter(model, data, quality_runs=quality, cases=cases, threads=threads)
+    start, shown = time.perf_counter(), None
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            print(file=sys.stderr)
+            return stop.value
+        if (p.done, p.stage) == shown:
+            continue
+        shown = (p.done, p.stage)
+        print(f"\r{name}: {p.done}/{p.total} cases ({p.stage}) {time.perf_counter() - start:.0f} s",
+              end="", file=sys.stderr, flush=True)
+
+
+def summary_lines(reports: dict[str, EvaluationReport]) -> list[str]:
+    """Metric rows with one column per model."""
+    names = list(reports)
+    classes = sorted({c for r in reports.values() for c in r.columns if c.startswith("dice_") and c != "dice_whole"})
+
+    def stat(report: EvaluationReport, column: str) -> str:
+        if column not in report.columns:
+            return "n/a"
+        v = report.values(column)
+        return f"{v.mean():.4f} ± {v.std():.4f}  (median {np.median(v):.4f}, min {v.min():.4f})"
+
+    rows = [["metric", *names]]
+    for column in ["dice_whole", *classes, "nqm"]:
+        rows.append([column, *(stat(reports[n], column) for n in names)])
+    for key in ("pearson", "spearman"):
+        rows.append([f"{key}(NQM, Dice)", *(f"{reports[n].correlation()[key]:+.3f}" for n in names)])
+    rows.append(["cases", *(str(len(reports[n].rows)) for n in names)])
+    rows.append(["seconds / case", *(f"{reports[n].values('seconds').mean():.1f}" for n in names)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["   ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def per_case_lines(reports: dict[str, EvaluationReport]) -> list[str]:
+    """Whole Dice and NQM of every case, the models side by side."""
+    names = list(reports)
+    by_case = {n: {row.case: row for row in r.rows} for n, r in reports.items()}
+    head = "case             " + "".join(f"{n[:22]:>24}{'NQM':>9}" for n in names)
+    lines = [head]
+    for case in (row.case for row in reports[names[0]].rows):
+        cells = "".join(f"{by_case[n][case].dice_whole:>24.4f}{by_case[n][case].nqm or float('nan'):>9.4f}"
+                        for n in names)
+        lines.append(f"{case:<17}{cells}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--limit", type=int, default=None, help="only the first K validation cases")
+    parser.add_argument("--quality", type=int, default=10, help="stochastic runs per case")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    data = args.shared / "data" / "hippocampus"
+    authors = import_reference(args.shared / "reference" / "mednca_hippocampus")
+    try:
+        shipped = load_model("hippocampus")
+        cases, origin = list(shipped.provenance["validation_cases"]), "recorded in the shipped model"
+    except CheckpointError:
+        shipped = None
+        ids = [case for case, _, _ in data_pairs(data)]
+        cases = [ids[i] for i in split_cases(len(ids), 0.1, 0)[1]]
+        origin = "held out by benchmarks/train_hippocampus.py (shipped model not built yet)"
+    cases = cases[: args.limit]
+
+    models = {"shipped (mednca)": shipped, "authors (Med-NCA)": authors}
+    reports = {}
+    for name, model in models.items():
+        if model is not None:
+            reports[name] = run(name, model, data, cases, args.quality, args.threads)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads available, torch {torch.__version__}"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"Accuracy on {len(cases)} hippocampus validation cases ({origin}),",
+        f"native resolution, {args.quality}-run quality maps, seed 0, {args.threads} thread(s) used;",
+        f"{machine}; commit {commit.stdout.strip() or '?'}; {when}",
+        "Dice = 2|P∩L| / (|P|+|L|) per case at the scan's own resolution; mean ± std (population) over cases.",
+        "Labels from the mean probability of the runs (p > 0.5). Negative NQM/Dice correlation: NQM flags bad cases.",
+        "",
+        *summary_lines(reports),
+        "",
+        *per_case_lines(reports),
+        "",
+        "Caveat: the authors trained on their own random 70% of MSD Task04; some of these cases were probably",
+        "in their training set, which favours their model in this comparison.",
+    ]
+    if shipped is None:
+        lines.append("The shipped model (src/mednca/models/hippocampus.safetensors) is not built yet.")
+    else:
+        prov = shipped.provenance
+        lines.append(f"Shipped model: {prov.get('iterations')} iterations, {prov.get('train_seconds')} s of training.")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "accuracy.txt").write_text(text)
+    for name, report in reports.items():
+        report.to_json(RESULTS / f"accuracy_{name.split()[0]}.json")
+
+
+if __name__ == "__main__":
+    main()
