@@ -1,0 +1,167 @@
+"""Training data: labelled volumes turned into model-space slices, split into training and validation by case.
+
+Slices are prepared exactly as inference prepares them (``prepare_slices`` along the model's axis), so a
+model sees the same kind of input when it is trained and when it is used. Labels are resized with
+nearest-neighbour (a label is never interpolated) and stored one-hot for the classes 1..K. The split is by
+case, never by slice: neighbouring slices of one scan are nearly identical, so a slice-level split would
+report the Dice of scans the model has already seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MedNCAError
+from .model import NCAConfig
+from .preprocess import Preprocessing, prepare_slices, rescale_percentiles
+from .volume import Volume, check_labels, image_array, read_volume
+
+Pair = tuple["Volume | str | os.PathLike", "Volume | str | os.PathLike"]
+
+
+@dataclass
+class Case:
+    """One labelled scan, read and validated."""
+
+    case_id: str
+    image: np.ndarray  # float32, as image_array returns it
+    labels: np.ndarray  # integer class per voxel, same shape
+
+
+@dataclass
+class SliceSet:
+    """Model-space slices of several cases: ``images [N, 1, h, w]`` float32 in [0, 1], ``labels [N, K, h, w]``
+    uint8 one-hot for classes 1..K, and the case each slice came from (an index into ``case_ids``)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    case_index: torch.Tensor
+    case_ids: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def pick(self, index: torch.Tensor) -> SliceSet:
+        """The slices at ``index`` (case numbering unchanged)."""
+        return SliceSet(self.images[index], self.labels[index], self.case_index[index], self.case_ids)
+
+    def subset(self, cases: Sequence[int]) -> SliceSet:
+        """The slices of the given case indices (renumbered), in their original order."""
+        cases = list(cases)
+        keep = torch.isin(self.case_index, torch.tensor(cases, dtype=torch.long))
+        remap = torch.full((len(self.case_ids),), -1, dtype=torch.long)
+        remap[cases] = torch.arange(len(cases))
+        return SliceSet(
+            self.images[keep], self.labels[keep], remap[self.case_index[keep]], [self.case_ids[c] for c in cases]
+        )
+
+
+def decathlon_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """The (image, label) files of a Medical Segmentation Decathlon task folder, as its dataset.json lists them."""
+    folder = Path(folder)
+    index = folder / "dataset.json"
+    if not index.is_file():
+        raise MedNCAError(f"{folder} is not a Decathlon task folder: it has no dataset.json")
+    try:
+        entries = json.loads(index.read_text())["training"]
+        pairs = [(folder / e["image"], folder / e["label"]) for e in entries]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MedNCAError(f"{index} does not list training cases as Decathlon does ({e})") from None
+    missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
+    if missing:
+        raise MedNCAError(f"{index} lists {len(missing)} missing files, e.g. {missing[0]}")
+    if not pairs:
+        raise MedNCAError(f"{index} lists no training cases")
+    return pairs
+
+
+def load_cases(data: str | os.PathLike | Sequence[Pair]) -> list[Case]:
+    """Read a Decathlon folder, or a list of (image, label) pairs given as Volumes or paths."""
+    pairs = decathlon_pairs(data) if isinstance(data, str | os.PathLike) else list(data)
+    if not pairs:
+        raise MedNCAError("no training cases given")
+    cases = []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise MedNCAError(f"training case {i} must be an (image, label) pair")
+        image, label = (p if isinstance(p, Volume) else read_volume(p) for p in pair)
+        cases.append(Case(_case_id(image, i), image_array(image), check_labels(label, image)))
+    return cases
+
+
+def _case_id(volume: Volume, index: int) -> str:
+    if volume.source is None:
+        return f"case_{index:04d}"
+    return Path(volume.source).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def case_slices(
+    image: np.ndarray, labels: np.ndarray, config: NCAConfig, prep: Preprocessing
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One volume -> model inputs ``[n, 1, h, w]`` and one-hot labels ``[n, K, h, w]`` (uint8), slicing along
+    ``prep.axis``. With one output class, every label > 0 is foreground (the whole structure)."""
+    k = config.output_channels
+    top = int(labels.max(initial=0))
+    if k > 1 and top > k:
+        raise MedNCAError(f"the labels hold class {top}, but the model has only {k} output classes")
+    img = torch.from_numpy(np.moveaxis(np.asarray(image, np.float32), prep.axis, 0).copy())
+    lab = torch.from_numpy(np.moveaxis(np.asarray(labels), prep.axis, 0).astype(np.int64))
+    inputs = prepare_slices(img, config.input_size, prep)
+    classes = torch.arange(1, k + 1).view(1, k, 1, 1)
+    onehot = (lab.unsqueeze(1) > 0) if k == 1 else (lab.unsqueeze(1) == classes)
+    onehot = F.interpolate(onehot.to(torch.uint8), size=config.input_size, mode="nearest")
+    return inputs, onehot
+
+
+def build_slices(cases: Sequence[Case], config: NCAConfig, prep: Preprocessing) -> SliceSet:
+    """All slices of all cases, in one set."""
+    images, labels, index = [], [], []
+    for i, case in enumerate(cases):
+        x, y = case_slices(case.image, case.labels, config, prep)
+        images.append(x)
+        labels.append(y)
+        index.append(torch.full((x.shape[0],), i, dtype=torch.long))
+    return SliceSet(torch.cat(images), torch.cat(labels), torch.cat(index), [c.case_id for c in cases])
+
+
+def split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of case indices into (training, validation); at least one case on each side when
+    ``val_fraction > 0`` and there are two cases or more."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise MedNCAError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = list(range(n_cases))
+    random.Random(seed).shuffle(order)
+    n_val = round(n_cases * val_fraction)
+    if val_fraction > 0 and n_cases >= 2:
+        n_val = min(max(n_val, 1), n_cases - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def augment(
+    images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random appearance changes a scanner or a protocol could make, on model-space slices in [0, 1]:
+    a left-right flip (slice dimension 0 is left-right in the MSD crops; front and back are never swapped,
+    since they tell the anterior class from the posterior one), gamma, contrast and brightness, a smooth
+    multiplicative bias field, noise. The result is rescaled per slice as preprocessing would."""
+    n = images.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-2), images)
+    labels = torch.where(flip.view(-1, 1, 1, 1), labels.flip(-2), labels)
+    coarse = torch.randn((n, 1, 3, 3), generator=gen) * 0.25
+    field = F.interpolate(coarse, size=images.shape[-2:], mode="bicubic", align_corners=True).exp()
+    gamma = torch.exp(torch.empty((n, 1, 1, 1)).uniform_(-0.4, 0.4, generator=gen))
+    scale = torch.empty((n, 1, 1, 1)).uniform_(0.8, 1.2, generator=gen)
+    shift = torch.empty((n, 1, 1, 1)).uniform_(-0.1, 0.1, generator=gen)
+    noise = torch.randn(images.shape, generator=gen) * torch.empty((n, 1, 1, 1)).uniform_(0, 0.04, generator=gen)
+    x = (images * field).clamp(min=0).pow(gamma) * scale + shift + noise
+    return rescale_percentiles(x, (0.5, 99.5), per_slice=True), labels

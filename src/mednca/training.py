@@ -1,0 +1,513 @@
+"""Training a Med-NCA model from labelled volumes, and fine-tuning one on a few annotated slices.
+
+The authors' recipe: level 0 runs on the whole downscaled slice, its state is upsampled, and level 1 runs
+on a random crop of it only (the image at full size goes into channel 0), so a training step costs a
+sixteenth of a full forward pass; the loss is BCE + (1 - soft Dice) on the level-1 crop, and both levels
+learn end to end. ``Recipe()`` keeps that and converges faster on a CPU: most crops are centred near the
+structure (a random crop of a 64x64 slice mostly shows background), warm-up then cosine learning rate,
+clipped gradients, and augmentation (flips, gamma, contrast, smooth bias field, noise). ``AUTHORS_RECIPE``
+is the plain recipe, for comparison.
+
+All randomness (initial weights, batches, crops, augmentation, firing cells) comes from ``seed``, so the
+same seed gives the same weights. Both loops are generators: the caller sees progress and cancels by no
+longer iterating; the weights the caller handed in are never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import save_model
+from .data import Case, SliceSet, augment, build_slices, case_slices, load_cases, split_cases
+from .errors import CheckpointError, MedNCAError
+from .model import MedNCA, NCAConfig
+from .preprocess import Preprocessing
+from .volume import Volume, check_labels, image_array
+
+HIPPOCAMPUS = NCAConfig(output_channels=2, class_names=("anterior", "posterior"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained. Learning rate follows a linear warm-up then a cosine (``schedule="cosine"``)
+    or the authors' exponential decay (``"exponential"``, factor ``gamma`` per iteration)."""
+
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    schedule: str = "cosine"
+    warmup: int = 100
+    final_lr_fraction: float = 0.05
+    gamma: float = 0.9999
+    crop: int = 16
+    foreground_crops: float = 0.6
+    augment: bool = True
+    grad_clip: float | None = 1.0
+
+    def lr_at(self, iteration: int, total: int) -> float:
+        if self.schedule == "exponential":
+            return self.lr * self.gamma**iteration
+        if iteration < self.warmup:
+            return self.lr * (iteration + 1) / self.warmup
+        t = (iteration - self.warmup) / max(1, total - self.warmup)
+        floor = self.final_lr_fraction
+        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+AUTHORS_RECIPE = Recipe(
+    lr=1.6e-3, betas=(0.5, 0.5), schedule="exponential", warmup=0, foreground_crops=0.0, augment=False,
+    grad_clip=None,
+)
+
+
+@dataclass
+class TrainEvent:
+    """Progress of training. ``val_dice`` (class name -> Dice on the validation slices, plus "whole") comes
+    with ``kind="eval"`` events; ``loss`` is the mean training loss since the last event."""
+
+    iteration: int
+    total: int
+    loss: float | None
+    elapsed: float
+    kind: str  # "step", "eval", "checkpoint" or "done"
+    val_dice: dict[str, float] | None = None
+
+
+@dataclass
+class FinetuneReport:
+    """What fine-tuning did: loss per iteration, time, and Dice on the annotated slices before and after
+    (per class, plus "whole" for the union of classes)."""
+
+    slices: list[int]
+    iterations: int
+    losses: list[float]
+    seconds: float
+    dice_before: dict[str, float]
+    dice_after: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+def crop_forward(
+    model: MedNCA, images: torch.Tensor, origins: torch.Tensor | None, crop: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training forward pass: all levels but the last on the whole slice, the last on a ``crop``-sized window
+    at ``origins [B, 2]`` (row, col) of the upsampled state, or on the whole slice when ``origins`` is None.
+    Returns the logits of the last level and of level 0 (for the coarse auxiliary loss)."""
+    cfg = model.config
+    k = cfg.input_channels
+    state = None
+    coarse = None
+    for level, backbone in enumerate(model.backbones):
+        size = cfg.level_size(level)
+        img = images if size == tuple(images.shape[-2:]) else F.interpolate(
+            images, size=size, mode="bilinear", align_corners=False
+        )
+        if state is None:
+            state = img.new_zeros((img.shape[0], cfg.channels, *size))
+        else:
+            state = F.interpolate(state, scale_factor=cfg.downscale, mode="nearest")
+        if level == cfg.levels - 1 and origins is not None:
+            state, img = _crop(state, origins, crop), _crop(img, origins, crop)
+        state = state.contiguous(memory_format=torch.channels_last)
+        state[:, :k] = img
+        for _ in range(cfg.steps[level]):
+            rand = torch.rand((img.shape[0], *img.shape[-2:]), generator=gen)
+            state = backbone.step(state, rand > cfg.fire_rate, k)
+        if level == 0:
+            coarse = state[:, k : k + cfg.output_channels]
+    return state[:, k : k + cfg.output_channels], coarse
+
+
+def _crop(x: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.stack([x[b, :, r : r + size, c : c + size] for b, (r, c) in enumerate(origins.tolist())])
+
+
+def crop_origins(labels: torch.Tensor, crop: int, foreground: float, gen: torch.Generator) -> torch.Tensor:
+    """Top-left corners ``[B, 2]`` of the crops: with probability ``foreground`` a window holding a random
+    labelled pixel (at a random place inside it), otherwise anywhere."""
+    b, _, h, w = labels.shape
+    fg = labels.amax(1).reshape(b, -1)
+    out = torch.empty((b, 2), dtype=torch.long)
+    u = torch.rand(b, generator=gen)
+    for i in range(b):
+        pix = fg[i].nonzero().squeeze(1)
+        if u[i] < foreground and pix.numel():
+            p = pix[torch.randint(pix.numel(), (1,), generator=gen)].item()
+            off = torch.randint(crop, (2,), generator=gen)
+            r, c = p // w - off[0].item(), p % w - off[1].item()
+        else:
+            r = torch.randint(h - crop + 1, (1,), generator=gen).item()
+            c = torch.randint(w - crop + 1, (1,), generator=gen).item()
+        out[i, 0] = min(max(r, 0), h - crop)
+        out[i, 1] = min(max(c, 0), w - crop)
+    return out
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE with logits + (1 - soft Dice), Dice per class over the whole batch (smoothing 1), as the authors."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum((0, 2, 3))
+    dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + target.sum((0, 2, 3)) + 1)
+    return bce + (1 - dice).mean()
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def hard_dice(pred: torch.Tensor, target: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
+    """Dice per class of boolean ``[N, K, ...]`` masks (all voxels pooled), plus "whole" for the union.
+    Empty prediction and empty target count as 1."""
+
+    def dice(a, b):
+        total = a.sum().item() + b.sum().item()
+        return 1.0 if total == 0 else 2 * (a & b).sum().item() / total
+
+    out = {name: dice(pred[:, i], target[:, i]) for i, name in enumerate(names)}
+    out["whole"] = dice(pred.any(1), target.any(1))
+    return out
+
+
+def predict_masks(logits: torch.Tensor) -> torch.Tensor:
+    """Logits ``[N, K, ...]`` -> boolean masks, as inference labels voxels: one class, logit > 0; several,
+    the most probable class where its probability > 0.5."""
+    if logits.shape[1] == 1:
+        return logits > 0
+    best = logits.argmax(1, keepdim=True)
+    return (torch.zeros_like(logits, dtype=torch.bool).scatter_(1, best, True)) & (logits.amax(1, keepdim=True) > 0)
+
+
+@torch.no_grad()
+def slice_logits(model: MedNCA, images: torch.Tensor, seed: int = 0, batch: int = 64) -> torch.Tensor:
+    """Full two-level forward of model-space slices, in batches, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([model(images[i : i + batch], generator=gen) for i in range(0, len(images), batch)])
+
+
+def validation_dice(model: MedNCA, slices: SliceSet, seed: int = 0) -> dict[str, float]:
+    """Dice in model space (64x64) over all validation slices: cheap enough to run during training."""
+    pred = predict_masks(slice_logits(model, slices.images, seed))
+    return hard_dice(pred, slices.labels.bool(), model.config.class_names)
+
+
+@torch.no_grad()
+def native_dice(model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Dice of one volume at its own resolution, predicted as inference does (probabilities resized
+    bilinear to the native slice size, then labelled)."""
+    from .preprocess import prepare_slices, restore_slices
+
+    axis = model.preprocessing.axis
+    img = torch.from_numpy(np.moveaxis(np.asarray(image, np.float32), axis, 0).copy())
+    inputs = prepare_slices(img, model.config.input_size, model.preprocessing)
+    prob = restore_slices(torch.sigmoid(slice_logits(model, inputs, seed)), tuple(img.shape[-2:]))
+    pred = predict_masks(torch.logit(prob.clamp(1e-6, 1 - 1e-6)))
+    lab = torch.from_numpy(np.moveaxis(np.asarray(labels), axis, 0).astype(np.int64)).unsqueeze(1)
+    k = model.config.output_channels
+    target = (lab > 0) if k == 1 else lab == torch.arange(1, k + 1).view(1, k, 1, 1)
+    return hard_dice(pred, target, model.config.class_names)
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def new_model(config: NCAConfig, prep: Preprocessing, seed: int) -> MedNCA:
+    """A freshly initialised model whose weights depend only on ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return MedNCA(config, preprocessing=prep)
+
+
+def _prepare_data(data, config: NCAConfig, prep: Preprocessing) -> SliceSet:
+    if isinstance(data, SliceSet):
+        return data
+    if isinstance(data, list | tuple) and data and all(isinstance(c, Case) for c in data):
+        return build_slices(data, config, prep)
+    return build_slices(load_cases(data), config, prep)
+
+
+def train_iter(
+    data,
+    *,
+    config: NCAConfig = HIPPOCAMPUS,
+    preprocessing: Preprocessing | None = None,
+    recipe: Recipe | None = None,
+    val_fraction: float = 0.1,
+    iterations: int = 20000,
+    batch_size: int = 16,
+    lr: float | None = None,
+    seed: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    eval_every: int = 1000,
+    best_path: str | os.PathLike | None = None,
+    eval_slices: int | None = 256,
+    init_model: MedNCA | None = None,
+    log_every: int = 50,
+    provenance: dict | None = None,
+) -> Generator[TrainEvent, None, MedNCA]:
+    """Train a model; yields ``TrainEvent``s and returns the trained model.
+
+    ``data`` is a Decathlon task folder, a list of (image, label) Volumes or paths, of ``Case``s, or a
+    ``SliceSet``.
+    Validation cases (``val_fraction`` of them, seeded) never contribute a training slice; their ids go into
+    the model's provenance. With ``checkpoint_path``, the full training state is saved atomically every
+    ``checkpoint_every`` iterations and ``resume=True`` continues from it (a fresh start if it does not exist
+    yet). With ``best_path``, the model with the best validation Dice so far is written there at every eval.
+    Evals during training use ``eval_slices`` evenly spaced validation slices (all when None): a full forward
+    of every validation slice costs as much as hundreds of training steps.
+    ``init_model`` starts from its weights (a copy: it is never modified). ``provenance`` (e.g. the data and
+    its licence) is added to the model's provenance with the training setup.
+    """
+    recipe = recipe or Recipe()
+    if lr is not None:
+        recipe = Recipe(**{**asdict(recipe), "lr": lr})
+    if init_model is not None:
+        config, preprocessing = init_model.config, init_model.preprocessing
+    prep = preprocessing or Preprocessing()
+    slices = _prepare_data(data, config, prep)
+    train_cases, val_cases = split_cases(len(slices.case_ids), val_fraction, seed)
+    train, val = slices.subset(train_cases), slices.subset(val_cases)
+    probe = val if eval_slices is None or len(val) <= eval_slices else val.pick(
+        torch.linspace(0, len(val) - 1, eval_slices).round().long()
+    )
+    if len(train) == 0:
+        raise MedNCAError("no training slices: give more cases or a smaller val_fraction")
+
+    model = copy.deepcopy(init_model) if init_model is not None else new_model(config, prep, seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas)
+    gen = torch.Generator().manual_seed(seed)
+    start, best, spent = 0, -1.0, 0.0
+    setup = {
+        "config": config.to_dict(), "preprocessing": prep.to_dict(), "recipe": asdict(recipe), "seed": seed,
+        "iterations": iterations, "batch_size": batch_size, "validation_cases": val.case_ids,
+        "provenance": provenance or {},
+    }
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        start, best, spent = load_training_state(checkpoint_path, model, opt, gen, setup)
+
+    t0 = time.perf_counter() - spent
+    running, n_running = 0.0, 0
+    for it in range(start, iterations):
+        for g in opt.param_groups:
+            g["lr"] = recipe.lr_at(it, iterations)
+        loss = _train_step(model, opt, train, batch_size, recipe, gen)
+        running += loss
+        n_running += 1
+        done = it + 1
+        if done % log_every == 0 or done == iterations:
+            yield TrainEvent(done, iterations, running / n_running, time.perf_counter() - t0, "step")
+            running, n_running = 0.0, 0
+        if len(val) and (done % eval_every == 0 or done == iterations):
+            model.eval()
+            dice = validation_dice(model, probe, seed)
+            model.train()
+            if best_path is not None and dice["whole"] > best:
+                best = dice["whole"]
+                _stamp(model, setup, done, time.perf_counter() - t0, dice)
+                save_model(model, best_path)
+            yield TrainEvent(done, iterations, None, time.perf_counter() - t0, "eval", dice)
+        if checkpoint_path is not None and (done % checkpoint_every == 0 or done == iterations):
+            save_training_state(checkpoint_path, model, opt, gen, setup, done, best, time.perf_counter() - t0)
+            yield TrainEvent(done, iterations, None, time.perf_counter() - t0, "checkpoint")
+    model.eval()
+    _stamp(model, setup, iterations, time.perf_counter() - t0, None)
+    yield TrainEvent(iterations, iterations, None, time.perf_counter() - t0, "done")
+    return model
+
+
+def _stamp(model: MedNCA, setup: dict, iteration: int, seconds: float, dice: dict | None) -> None:
+    """Record where the weights came from in the model itself."""
+    model.provenance.update(
+        **setup["provenance"],
+        source="trained with mednca.training",
+        iterations=iteration,
+        planned_iterations=setup["iterations"],
+        train_seconds=round(seconds, 1),
+        seed=setup["seed"],
+        batch_size=setup["batch_size"],
+        recipe=setup["recipe"],
+        validation_cases=setup["validation_cases"],
+    )
+    if dice is not None:
+        model.provenance["validation_dice_model_space"] = {k: round(v, 4) for k, v in dice.items()}
+
+
+def _train_step(model, opt, train: SliceSet, batch_size: int, recipe: Recipe, gen) -> float:
+    idx = torch.randint(len(train), (batch_size,), generator=gen)
+    images, labels = train.images[idx], train.labels[idx].float()
+    if recipe.augment:
+        images, labels = augment(images, labels, gen)
+    origins = crop_origins(labels, recipe.crop, recipe.foreground_crops, gen)
+    logits, _ = crop_forward(model, images, origins, recipe.crop, gen)
+    loss = segmentation_loss(logits, _crop(labels, origins, recipe.crop))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if recipe.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def train(data, **kwargs) -> MedNCA:
+    """``train_iter`` run to the end; returns the trained model."""
+    return _finish(train_iter(data, **kwargs))
+
+
+def _finish(gen: Generator):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+# ------------------------------------------------------------------------------------ training state
+
+
+def save_training_state(path, model, opt, gen, setup: dict, iteration: int, best: float, seconds: float) -> None:
+    """Model, optimiser moments, RNG state and progress in one safetensors file (JSON metadata, no pickle),
+    written atomically so an interrupted save leaves the previous checkpoint intact."""
+    path = Path(path)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        st = opt.state.get(p)
+        if st:
+            tensors[f"adam.{i}.exp_avg"] = st["exp_avg"].contiguous()
+            tensors[f"adam.{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+            tensors[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
+    tensors["rng"] = gen.get_state()
+    meta = {"setup": setup, "iteration": iteration, "best": best, "seconds": seconds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"mednca_training": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float, float]:
+    """Restore what ``save_training_state`` wrote; refuses a checkpoint of a different training setup."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["mednca_training"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a training checkpoint ({e})") from None
+    theirs = {k: v for k, v in meta["setup"].items() if k != "iterations"}
+    ours = json.loads(json.dumps({k: v for k, v in setup.items() if k != "iterations"}))
+    if theirs != ours:
+        changed = sorted(k for k in ours if theirs.get(k) != ours[k])
+        raise CheckpointError(f"{path} was saved by a different training setup (differs in {changed})")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for i, p in enumerate(model.parameters()):
+        if f"adam.{i}.exp_avg" in tensors:
+            opt.state[p] = {
+                "step": torch.tensor(float(tensors[f"adam.{i}.step"].item())),
+                "exp_avg": tensors[f"adam.{i}.exp_avg"].clone(),
+                "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].clone(),
+            }
+    gen.set_state(tensors["rng"])
+    return int(meta["iteration"]), float(meta["best"]), float(meta["seconds"])
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+
+
+def annotated_slices(labels: np.ndarray, axis: int) -> list[int]:
+    """Indices along ``axis`` of the slices that carry any label."""
+    other = tuple(a for a in range(labels.ndim) if a != axis)
+    return np.flatnonzero(np.asarray(labels).any(axis=other)).tolist()
+
+
+def finetune_iter(
+    model: MedNCA,
+    volume: Volume,
+    labels,
+    slices: Sequence[int] | None = None,
+    *,
+    iterations: int = 30,
+    lr: float = 5e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> Generator[TrainEvent, None, tuple[MedNCA, FinetuneReport]]:
+    """Adapt ``model`` to one scan from a few annotated slices; yields ``TrainEvent``s and returns
+    ``(new_model, FinetuneReport)``. ``model`` itself is never changed.
+
+    ``labels`` (array or Volume, the shape of ``volume``) are used on the slices along the model's axis that
+    carry any label, or on ``slices`` when given (then an empty slice teaches "nothing here"). Few slices
+    are trained, so they go whole through both levels, with augmentation; each iteration takes
+    ``batch_size`` of them at random.
+    """
+    lab = check_labels(labels, volume)
+    k = model.config.output_channels
+    top = int(lab.max(initial=0))
+    if k > 1 and top > k:
+        raise MedNCAError(
+            f"the labels hold class {top}, but the model segments only {k} classes {model.config.class_names}"
+        )
+    axis = model.preprocessing.axis
+    chosen = sorted(set(int(s) for s in slices)) if slices is not None else annotated_slices(lab, axis)
+    if not chosen:
+        raise MedNCAError(f"no annotated slice along axis {axis}: label at least one slice to fine-tune on")
+    bad = [s for s in chosen if not 0 <= s < lab.shape[axis]]
+    if bad:
+        raise MedNCAError(f"slices {bad} lie outside the volume (axis {axis} has {lab.shape[axis]} slices)")
+    image = np.take(image_array(volume), chosen, axis=axis)
+    target = np.take(lab, chosen, axis=axis)
+    inputs, onehot = case_slices(image, target, model.config, model.preprocessing)
+    onehot = onehot.float()
+
+    t0 = time.perf_counter()
+    before = native_dice(model, image, target, seed)
+    tuned = copy.deepcopy(model).train()
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for it in range(iterations):
+        idx = torch.randperm(len(chosen), generator=gen)[:batch_size]
+        x, y = augment(inputs[idx], onehot[idx], gen)
+        logits, _ = crop_forward(tuned, x, None, 0, gen)
+        loss = segmentation_loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        yield TrainEvent(it + 1, iterations, losses[-1], time.perf_counter() - t0, "step")
+    tuned.eval()
+    after = native_dice(tuned, image, target, seed)
+    tuned.provenance = {
+        **model.provenance,
+        "finetuned_from": {k: model.provenance.get(k) for k in ("source", "iterations", "finetuned_from")},
+        "finetune": {"slices": chosen, "axis": axis, "iterations": iterations, "lr": lr, "seed": seed,
+                     "source": str(volume.source) if volume.source else None},
+    }
+    report = FinetuneReport(chosen, iterations, losses, time.perf_counter() - t0, before, after)
+    yield TrainEvent(iterations, iterations, None, report.seconds, "done")
+    return tuned, report
+
+
+def finetune(model: MedNCA, volume: Volume, labels, slices: Sequence[int] | None = None, **kwargs):
+    """``finetune_iter`` run to the end; returns ``(new_model, FinetuneReport)``."""
+    return _finish(finetune_iter(model, volume, labels, slices, **kwargs))

@@ -1,0 +1,64 @@
+"""Fine-tuning: learns from a few annotated slices, returns a new model, and refuses labels that do not fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_training import TINY, same, toy_case, weights
+
+from mednca.errors import MedNCAError, VolumeError
+from mednca.model import MedNCA
+from mednca.training import finetune, finetune_iter, new_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> MedNCA:
+    return new_model(TINY, MedNCA(TINY).preprocessing, seed=0)
+
+
+def test_finetune_learns_the_annotated_slices_in_a_new_model(model):
+    image, labels = toy_case(7)
+    sparse = np.zeros_like(labels.array)
+    sparse[..., [1, 4]] = labels.array[..., [1, 4]]
+    before = weights(model)
+    tuned, report = finetune(model, image, sparse, iterations=60, lr=2e-2)
+    assert tuned is not model and same(before, weights(model))
+    assert not same(before, weights(tuned))
+    assert report.slices == [1, 4] and len(report.losses) == 60
+    assert report.dice_after["whole"] > report.dice_before["whole"] + 0.2
+    assert tuned.provenance["finetune"]["slices"] == [1, 4]
+    assert "finetuned_from" in tuned.provenance and "finetune" not in model.provenance
+
+
+def test_finetune_is_cancellable_and_seeded(model):
+    image, labels = toy_case(3)
+    gen = finetune_iter(model, image, labels, iterations=50)
+    first = next(gen)
+    gen.close()
+    assert first.iteration == 1 and first.total == 50
+    a, _ = finetune(model, image, labels, slices=[2], iterations=3)
+    b, _ = finetune(model, image, labels, slices=[2], iterations=3)
+    assert same(weights(a), weights(b))
+
+
+def test_labels_must_fit_the_volume_and_the_model(model):
+    image, labels = toy_case(1)
+    with pytest.raises(VolumeError, match="shape"):
+        finetune(model, image, labels.array[:-1], iterations=1)
+    too_many = labels.array.copy()
+    too_many[0, 0, 0] = 3
+    with pytest.raises(MedNCAError, match="class 3"):
+        finetune(model, image, too_many, iterations=1)
+    with pytest.raises(MedNCAError, match="no annotated slice"):
+        finetune(model, image, np.zeros_like(labels.array), iterations=1)
+    with pytest.raises(MedNCAError, match="outside the volume"):
+        finetune(model, image, labels, slices=[99], iterations=1)

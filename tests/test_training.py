@@ -1,0 +1,152 @@
+"""Training: learns, is reproducible, can be cancelled and resumed, and validates on unseen cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mednca.data import build_slices, load_cases, split_cases
+from mednca.errors import MedNCAError
+from mednca.model import MedNCA, NCAConfig
+from mednca.training import Recipe, train, train_iter
+from mednca.volume import Volume, write_volume
+
+TINY = NCAConfig(channels=8, hidden=16, steps=(4, 4), input_size=(16, 16), output_channels=2,
+                 class_names=("a", "b"))
+FAST = Recipe(lr=1e-2, warmup=5, crop=8)
+
+
+def toy_case(seed: int, shape=(20, 20, 6)) -> tuple[Volume, Volume]:
+    """A bright square (class 1) beside a dim one (class 2) on noise, at a random place."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0, 0.1, shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    r, c = rng.integers(2, 8, 2)
+    lab[r : r + 8, c : c + 4] = 1
+    lab[r : r + 8, c + 4 : c + 8] = 2
+    img[lab == 1] += 1.0
+    img[lab == 2] += 0.5
+    return Volume(img, np.eye(4)), Volume(lab, np.eye(4))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return [toy_case(s) for s in range(6)]
+
+
+def weights(model: MedNCA) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run(toy, **kw):
+    args = dict(config=TINY, recipe=FAST, iterations=12, batch_size=4, val_fraction=0.34, eval_every=6,
+                log_every=1, eval_slices=None)
+    return train_iter(toy, **{**args, **kw})
+
+
+def test_loss_goes_down_and_model_learns(toy):
+    events = list(run(toy, iterations=150, recipe=Recipe(lr=2e-2, warmup=5, crop=8)))
+    losses = [e.loss for e in events if e.kind == "step"]
+    assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:10])
+    evals = [e.val_dice for e in events if e.kind == "eval"]
+    assert evals[-1]["whole"] > 0.5
+    assert events[-1].kind == "done"
+
+
+def test_same_seed_same_weights(toy):
+    a, b = train(toy, **_short()), train(toy, **_short())
+    c = train(toy, **_short(seed=1))
+    assert same(weights(a), weights(b))
+    assert not same(weights(a), weights(c))
+
+
+def _short(**kw):
+    return {**dict(config=TINY, recipe=FAST, iterations=6, batch_size=4, val_fraction=0.34, eval_every=3), **kw}
+
+
+def test_cancel_leaves_init_model_untouched(toy):
+    init = MedNCA(TINY)
+    before = weights(init)
+    gen = run(toy, init_model=init)
+    for event in gen:
+        if event.iteration >= 5:
+            break
+    gen.close()
+    assert same(before, weights(init))
+
+
+def test_resume_continues_where_the_checkpoint_stopped(toy, tmp_path):
+    straight = train(toy, **_short(iterations=10))
+    ckpt = tmp_path / "state.safetensors"
+    gen = run(toy, iterations=10, checkpoint_path=ckpt, checkpoint_every=4)
+    for event in gen:
+        if event.kind == "checkpoint":
+            break
+    gen.close()
+    assert event.iteration == 4 and ckpt.exists()
+    resumed_events = []
+    gen = run(toy, iterations=10, checkpoint_path=ckpt, checkpoint_every=4, resume=True)
+    try:
+        while True:
+            resumed_events.append(next(gen))
+    except StopIteration as stop:
+        resumed = stop.value
+    assert resumed_events[0].iteration == 5
+    assert same(weights(straight), weights(resumed))
+
+
+def test_resume_refuses_another_setup(toy, tmp_path):
+    ckpt = tmp_path / "state.safetensors"
+    train(toy, **_short(checkpoint_path=ckpt, checkpoint_every=3))
+    with pytest.raises(MedNCAError, match="different training setup"):
+        train(toy, **_short(checkpoint_path=ckpt, resume=True, batch_size=2))
+
+
+def test_validation_cases_never_train(toy):
+    train_idx, val_idx = split_cases(50, 0.2, seed=3)
+    assert not set(train_idx) & set(val_idx) and len(val_idx) == 10 and len(train_idx) == 40
+    assert split_cases(50, 0.2, seed=3) == (train_idx, val_idx)
+    model = train(toy, **_short())
+    val = model.provenance["validation_cases"]
+    assert val and len(val) < len(toy)
+    slices = build_slices(load_cases(toy), TINY, model.preprocessing)
+    val_index = [slices.case_ids.index(c) for c in val]
+    assert set(val_index) == set(split_cases(len(toy), 0.34, 0)[1])
+
+
+def test_decathlon_folder(tmp_path, toy):
+    entries = []
+    for i, (img, lab) in enumerate(toy[:2]):
+        write_volume(img, tmp_path / "imagesTr" / f"case_{i}.nii.gz")
+        write_volume(lab, tmp_path / "labelsTr" / f"case_{i}.nii.gz")
+        entries.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
+    with pytest.raises(MedNCAError, match="dataset.json"):
+        load_cases(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": entries}))
+    slices = build_slices(load_cases(tmp_path), TINY, MedNCA(TINY).preprocessing)
+    assert slices.case_ids == ["case_0", "case_1"]
+    assert slices.images.shape == (12, 1, 16, 16) and slices.labels.shape == (12, 2, 16, 16)
+    assert set(slices.labels.unique().tolist()) == {0, 1}
+
+
+def test_labels_beyond_the_classes_are_refused():
+    img, lab = toy_case(0)
+    lab.array[0, 0, 0] = 3
+    with pytest.raises(MedNCAError, match="class 3"):
+        train([(img, lab), toy_case(1)], **_short())
