@@ -217,6 +217,16 @@ def test_validation_cases_are_the_models_own(toy_dir):
         evaluate(MedNCA(TINY), toy_dir, cases="validation")
     with pytest.raises(MedNCAError, match="toy_404"):
         evaluate(model, toy_dir, cases=["toy_001", "toy_404"])
+    with pytest.raises(MedNCAError, match="no cases"):
+        evaluate(model, toy_dir, cases=[])
+
+
+def test_a_label_map_that_does_not_fit_its_scan_is_named(tiny_model, toy_dir):
+    image = read_volume(toy_dir / "imagesTr" / "toy_001.nii.gz")
+    wrong = read_volume(toy_dir / "labelsTr" / "toy_002.nii.gz")
+    wrong.array = wrong.array[:, :, :3].copy()
+    with pytest.raises(MedNCAError, match=r"case toy_001: .*shape"):
+        evaluate(tiny_model, [(image, wrong)])
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -231,6 +241,10 @@ def test_cli_evaluate_prints_the_table_and_writes_reports(tiny_model, toy_dir, t
     assert "toy_001" in out and "toy_003" in out and "toy_002" not in out and "Spearman" in out
     assert [r.case for r in EvaluationReport.from_csv(tmp_path / "r.csv").rows] == ["toy_001", "toy_003"]
     assert EvaluationReport.from_json(tmp_path / "r.json").quality_runs == 2
+    assert main(["evaluate", str(path), str(toy_dir), "--limit", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "toy_002" in captured.out and "toy_003" not in captured.out
+    assert "records no validation cases" in captured.err  # said aloud: these may be training cases
 
 
 def test_cli_reports_a_bad_folder_clearly(tiny_model, tmp_path, capsys):

@@ -244,13 +244,18 @@ def evaluate_iter(
     if quality_runs == 1 or quality_runs < 0:
         raise MedNCAError(f"a quality map needs at least 2 runs (or 0 for none), got {quality_runs}")
     chosen = select_cases(model, data_pairs(data), cases)
+    if not chosen:
+        raise MedNCAError("no cases selected to evaluate")
     names = model.config.class_names
     rows: list[CaseResult] = []
     yield Progress(0, len(chosen), "evaluate")
     for done, (case, image, label) in enumerate(chosen, start=1):
         start = time.perf_counter()
-        volume = image if isinstance(image, Volume) else read_volume(image)
-        labels = check_labels(label if isinstance(label, Volume) else read_volume(label), volume)
+        try:
+            volume = image if isinstance(image, Volume) else read_volume(image)
+            labels = check_labels(label if isinstance(label, Volume) else read_volume(label), volume)
+        except MedNCAError as e:
+            raise MedNCAError(f"case {case}: {e}") from None
         opts = dict(seed=seed, threads=threads)
         if quality_runs >= 2:
             work = quality_iter(model, volume, quality_runs, **opts)
