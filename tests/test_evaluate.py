@@ -50,7 +50,7 @@ def make_decathlon(folder, shape=(18, 16, 5)):
         nib.save(nib.Nifti1Image(img, affine), folder / "imagesTr" / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(lab, affine), folder / "labelsTr" / f"{name}.nii.gz")
         entries.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-    index = {"name": "toy", "labels": {"0": "background", "1": "A", "2": "B"}, "training": entries}
+    index = {"name": "toy", "licence": "CC0", "labels": {"0": "background", "1": "A", "2": "B"}, "training": entries}
     (folder / "dataset.json").write_text(json.dumps(index))
     return folder
 
@@ -266,6 +266,7 @@ def test_cli_train_writes_a_model_that_evaluates_on_its_validation_cases(tiny_mo
     model = load_model_file(out)
     (val,) = model.provenance["validation_cases"]
     assert model.provenance["iterations"] == 3
+    assert model.provenance["training_data"] == {"name": "toy", "licence": "CC0"}
     checkpoint = out.with_suffix(".ckpt")  # kept beside the model by default
     assert checkpoint.exists()
     capsys.readouterr()

@@ -269,6 +269,7 @@ def cmd_train(args) -> int:
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
         seed=args.seed, eval_every=args.eval_every, checkpoint_path=checkpoint,
         checkpoint_every=args.checkpoint_every, resume=args.resume, best_path=args.best,
+        provenance=dataset_provenance(args.data),
     )
     if args.init is not None:
         options["init_model"] = load_model(args.init)
@@ -327,12 +328,29 @@ def dataset_config(folder: Path) -> NCAConfig:
     """The default architecture with the classes named in dataset.json ("labels": {"1": "Anterior", ...});
     one "foreground" class (every label > 0) when it names none."""
     try:
-        labels = json.loads((folder / "dataset.json").read_text()).get("labels", {})
+        labels = _dataset_index(folder).get("labels", {})
         classes = sorted((int(k), str(v).lower()) for k, v in labels.items() if int(k) > 0)
-    except (OSError, ValueError, AttributeError):
-        classes = []  # data_pairs reports an unreadable dataset.json precisely
+    except (ValueError, AttributeError):
+        classes = []
     names = tuple(name for _, name in classes) or ("foreground",)
     return NCAConfig(output_channels=len(names), class_names=names)
+
+
+def dataset_provenance(folder: Path) -> dict:
+    """What the model records about its training data: the task's name and licence from dataset.json (the
+    licence of the data travels with weights trained on it)."""
+    index = _dataset_index(folder)
+    described = {k: str(index[k]) for k in ("name", "licence", "license", "reference") if k in index}
+    return {"training_data": described or {"name": folder.name}}
+
+
+def _dataset_index(folder: Path) -> dict:
+    """dataset.json's contents, or {} (data_pairs reports an unreadable dataset.json precisely)."""
+    try:
+        index = json.loads((folder / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def _dice_text(dice: dict[str, float]) -> str:
