@@ -67,7 +67,8 @@ def summary_lines(reports: dict[str, EvaluationReport]) -> list[str]:
     for column in ["dice_whole", *classes, "nqm"]:
         rows.append([column, *(stat(reports[n], column) for n in names)])
     for key in ("pearson", "spearman"):
-        rows.append([f"{key}(NQM, Dice)", *(f"{reports[n].correlation()[key]:+.3f}" for n in names)])
+        values = (reports[n].correlation()[key] for n in names)
+        rows.append([f"{key}(NQM, Dice)", *(f"{v:+.3f}" if np.isfinite(v) else "n/a (< 3 cases)" for v in values)])
     rows.append(["cases", *(str(len(reports[n].rows)) for n in names)])
     rows.append(["seconds / case", *(f"{reports[n].values('seconds').mean():.1f}" for n in names)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -140,6 +140,7 @@ def test_correlation_is_undefined_without_enough_cases_or_quality_maps():
     assert math.isnan(pearson([0.1, 0.1, 0.1], [0.9, 0.8, 0.7]))
     c = report_of([0.9, 0.8, 0.7], [None, None, None]).correlation()
     assert c["n"] == 0 and math.isnan(c["spearman"])
+    assert "Pearson n/a" in report_of([0.9, 0.8], [0.01, 0.02]).table()
 
 
 def test_summary_and_table():

@@ -112,8 +112,8 @@ class EvaluationReport:
             c = self.correlation()
             runs = f" ({self.quality_runs} runs each)" if self.quality_runs else ""
             lines.append(
-                f"NQM vs whole Dice over {c['n']} cases{runs}: Pearson "
-                f"{c['pearson']:+.3f}, Spearman {c['spearman']:+.3f} (negative: high NQM flags bad cases)"
+                f"NQM vs whole Dice over {c['n']} cases{runs}: Pearson {_signed(c['pearson'])}, "
+                f"Spearman {_signed(c['spearman'])} (negative: high NQM flags bad cases; n/a under 3 cases)"
             )
         return "\n".join(lines)
 
@@ -382,6 +382,10 @@ def _fmt(column: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.1f}" if column == "seconds" else f"{value:.4f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}" if math.isfinite(value) else "n/a"
 
 
 def _csv_value(value) -> str:
