@@ -60,6 +60,19 @@ def volume_from_layer(layer) -> Volume:
     return volume_from_data(data, layer.metadata, layer.scale, layer.translate, name=repr(layer.name))
 
 
+def scan_layers(viewer) -> list[tuple[str, object]]:
+    """(name, layer) of the viewer's layers a model can segment: 3D single-channel images, without the maps
+    napari-nca computed (their metadata holds a key starting with "mednca_" other than the volume)."""
+    from napari.layers import Image
+
+    return [
+        (layer.name, layer)
+        for layer in viewer.layers
+        if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb
+        and not any(key.startswith("mednca_") and key != VOLUME_KEY for key in layer.metadata)
+    ]
+
+
 def slice_world_position(volume: Volume, axis: int, index: int) -> float:
     """World coordinate napari uses for slice ``index`` along ``axis`` of a layer made by ``layer_kwargs``."""
     return float(volume.origin[axis] + index * volume.spacing[axis])

@@ -3,6 +3,8 @@ export the animation, cancel a run, save the labels in the scan's geometry."""
 
 from __future__ import annotations
 
+import sys
+
 import imageio.v3 as iio
 import nibabel as nib
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 from gui_support import assert_not_blank, phantom_copy, tiny_model_path, wait_for  # noqa: F401
 from napari.layers import Image, Labels
 from qtpy.QtCore import Qt
+
+from napari_nca._qt.segment_widget import WHOLE_VOLUME
 
 pytestmark = pytest.mark.gui
 
@@ -23,14 +27,17 @@ def segment_ui(make_napari_viewer, phantom_copy, tiny_model_path):  # noqa: F811
     return viewer, widget, image
 
 
-def test_segment_record_growth_export_and_save(segment_ui, qtbot, tmp_path, phantom_copy):  # noqa: F811
+def test_segment_record_growth_export_and_save(segment_ui, qtbot, tmp_path, phantom_copy, monkeypatch):  # noqa: F811
     viewer, widget, image = segment_ui
     assert isinstance(image, Image) and widget.image.value is image
     assert widget.steps.value == 4  # the model's own settings are the starting values
 
+    widget.with_probabilities.value = True
     qtbot.mouseClick(widget.segment_button, Qt.LeftButton)
     wait_for(qtbot, widget.progress)
     seg = viewer.layers["phantom segmentation"]
+    assert viewer.layers["phantom probability: foreground"].data.max() <= 1
+    assert widget.image.choices == (image,)  # computed maps are not offered as scans to segment
     assert isinstance(seg, Labels) and seg.data.shape == image.data.shape
     assert list(seg.features["class"]) == ["background", "foreground"]
     assert widget.progress.label.text() == "done"
@@ -43,6 +50,7 @@ def test_segment_record_growth_export_and_save(segment_ui, qtbot, tmp_path, phan
     growth = viewer.layers["phantom growth: foreground"]
     assert growth.data.shape == (8, 36, 50, 1)  # 4 + 4 steps of the chosen slice
     assert viewer.dims.nsteps[0] == 8 and viewer.dims.current_step[3] == 20
+    viewer.layers["phantom probability: foreground"].visible = False  # the growth alone over the scan
     shots = []
     for step in (0, 7):
         viewer.dims.set_current_step(0, step)
@@ -52,6 +60,19 @@ def test_segment_record_growth_export_and_save(segment_ui, qtbot, tmp_path, phan
     gif = tmp_path / "growth.gif"
     assert widget.export_animation(gif)
     assert iio.imread(gif, index=None).shape[0] == 8
+    mp4 = tmp_path / "growth.mp4"
+    assert widget.export_animation(mp4)
+    assert len(list(iio.imiter(mp4, plugin="FFMPEG"))) == 8
+    shown = []
+    monkeypatch.setattr("napari_nca._qt.segment_widget.show_error", shown.append)
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if it were not installed
+    assert not widget.export_animation(tmp_path / "other.mp4")
+    assert "imageio-ffmpeg" in shown[0] and not (tmp_path / "other.mp4").exists()
+
+    widget.growth_scope.value = WHOLE_VOLUME
+    widget.record_growth()
+    wait_for(qtbot, widget.progress)
+    assert viewer.layers["phantom growth: foreground"].data.shape == (8, *image.data.shape)
 
     out = tmp_path / "phantom_seg.nii.gz"
     seg.save(str(out), plugin="napari-nca")

@@ -13,7 +13,6 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from napari.layers import Image
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
@@ -21,7 +20,7 @@ from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QPushButton, QV
 from mednca.errors import MedNCAError
 from mednca.inference import DEFAULT_NQM_THRESHOLD, quality_iter
 
-from .._layers import layer_kwargs, show_slices_along, slice_world_position, volume_from_layer
+from .._layers import layer_kwargs, scan_layers, show_slices_along, slice_world_position, volume_from_layer
 from ._common import ModelPicker, ProgressPanel, notify_error, run_worker
 
 TOP_SLICES = 5  # listed when no slice passes the threshold, so there is always somewhere to look
@@ -66,8 +65,7 @@ class QualityWidget(QWidget):
         self.form.reset_choices()
 
     def _image_layers(self, _widget=None):
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)
-                and "mednca_quality" not in layer.metadata]
+        return scan_layers(self.viewer)
 
     def compute(self):
         layer = self.image.value

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QVBoxLayout, Q
 from mednca.errors import MedNCAError
 from mednca.inference import Progress, record_growth, segment_iter
 
-from .._layers import layer_kwargs, show_slices_along, volume_from_layer
+from .._layers import layer_kwargs, scan_layers, show_slices_along, volume_from_layer
 from ._common import ModelPicker, ProgressPanel, notify_error, run_worker
 
 GROWTH_KEY = "mednca_growth"
@@ -84,10 +84,12 @@ class SegmentWidget(QWidget):
         self.form.reset_choices()
 
     def _image_layers(self, _widget=None):
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+        return scan_layers(self.viewer)
 
     def _use_model_defaults(self, *_):
         """A model brings its own slice axis, steps and fire rate: show them as the starting values."""
+        if self.picker.current_path() is None:  # nothing listed yet: the user will load one
+            return
         try:
             model = self.picker.current_model()
         except MedNCAError as exc:
@@ -136,9 +138,11 @@ class SegmentWidget(QWidget):
         labels.features = features
         if self.with_probabilities.value:
             for k, cls in enumerate(seg.class_names):
+                kwargs = layer_kwargs(seg.labels.like(seg.probabilities[k]))
+                kwargs["metadata"]["mednca_probability"] = cls
                 self._put_layer(Image, f"{name} probability: {cls}", seg.probabilities[k],
-                                {**layer_kwargs(seg.labels.like(seg.probabilities[k])), "contrast_limits": (0, 1),
-                                 "colormap": CLASS_COLORMAPS[k % len(CLASS_COLORMAPS)], "blending": "additive"})
+                                {**kwargs, "contrast_limits": (0, 1), "blending": "additive",
+                                 "colormap": CLASS_COLORMAPS[k % len(CLASS_COLORMAPS)]})
         show_slices_along(self.viewer, seg.axis)
 
     def _put_layer(self, kind, name, data, kwargs):
