@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import imageio.v3 as iio
 import pytest
-from gui_support import assert_not_blank, phantom_copy, tiny_model_path, wait_for  # noqa: F401
-from napari.layers import Image
+from gui_support import assert_not_blank, tiny_model_path, wait_for  # noqa: F401
+from napari.layers import Image, Labels
 from qtpy.QtCore import Qt
 
 pytestmark = pytest.mark.gui
 
 
-def test_quality_map_lists_slices_and_moves_the_viewer(make_napari_viewer, qtbot, tmp_path, phantom_copy,  # noqa: F811
-                                                      tiny_model_path):  # noqa: F811
+def test_quality_map_lists_slices_and_moves_the_viewer(make_napari_viewer, qtbot, tmp_path, tiny_model_path):  # noqa: F811
     viewer = make_napari_viewer(show=True)
-    [image] = viewer.open(str(phantom_copy), plugin="napari-nca")
+    image, reference = viewer.open_sample("napari-nca", "phantom")
+    assert isinstance(reference, Labels) and reference.data.shape == image.data.shape
     _, widget = viewer.window.add_plugin_dock_widget("napari-nca", "Quality")
     widget.picker.set_path(tiny_model_path)
     widget.runs.value = 3
@@ -28,6 +28,7 @@ def test_quality_map_lists_slices_and_moves_the_viewer(make_napari_viewer, qtbot
     report = widget.report
     assert f"NQM {report.nqm:.3f} over 3 runs" in widget.summary.text()
     assert widget.slices.count() >= 1
+    assert widget.image.choices == (image,)  # neither the reference labels nor the map itself
     assert widget.figure.axes and len(widget.figure.axes[0].lines[0].get_ydata()) == image.data.shape[2]
 
     # the last listed slice, so the click must move the viewer away from where it was
