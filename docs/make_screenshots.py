@@ -1,0 +1,113 @@
+"""Make the README's pictures by driving the plugin as a user would, on the shipped phantom.
+
+Uses the shipped hippocampus model when the package has one, else the Med-NCA authors' checkpoint from the
+shared folder beside the repository. Run under a display (or ``xvfb-run -a``):
+
+    .venv/bin/python docs/make_screenshots.py
+
+Writes docs/images/segmentation.png, growth.gif and quality.png. ``--scan FILE`` uses another scan
+instead of the phantom (the authors' model was trained on real MRI and finds little in the phantom).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import napari
+import numpy as np
+from qtpy.QtWidgets import QApplication
+
+from mednca.datasets import phantom_paths
+from mednca.registry import SHIPPED_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / "docs" / "images"
+REFERENCE = Path(os.environ.get("MEDNCA_SHARED", REPO.parent / "shared")) / "reference" / "mednca_hippocampus"
+
+
+def model_path() -> Path:
+    shipped = SHIPPED_DIR / "hippocampus.safetensors"
+    if shipped.is_file():
+        return shipped
+    if REFERENCE.is_dir():
+        return REFERENCE
+    sys.exit(f"no model: neither {shipped} nor the authors' checkpoint at {REFERENCE} exists")
+
+
+def wait(panel) -> None:
+    while panel.busy:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    QApplication.processEvents()
+
+
+def open_scan(viewer, scan: Path):
+    [image] = viewer.open(str(scan), plugin="napari-nca")
+    return image
+
+
+def busiest_slice(labels: np.ndarray, axis: int) -> int:
+    """The slice with most segmented voxels: the place a reader wants to see."""
+    return int(np.argmax((labels > 0).sum(axis=tuple(a for a in range(3) if a != axis))))
+
+
+def setup(viewer, widget_name: str):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nca", widget_name)
+    widget.picker.set_path(model_path())
+    return widget
+
+
+def segmentation_and_growth(out: Path, scan: Path) -> None:
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1300, 850)
+    image = open_scan(viewer, scan)
+    widget = setup(viewer, "Segment")
+    widget.with_probabilities.value = True
+    widget.segment()
+    wait(widget.progress)
+    axis = int(widget.axis.value)
+    seg = viewer.layers[f"{image.name} segmentation"]
+    viewer.dims.set_current_step(viewer.dims.ndim - 3 + axis, busiest_slice(seg.data, axis))
+    viewer.reset_view()
+    viewer.window.screenshot(str(out / "segmentation.png"), canvas_only=False)
+
+    for layer in list(viewer.layers)[1:]:  # the growth alone over the scan
+        layer.visible = False
+    widget.record_growth()
+    wait(widget.progress)
+    viewer.reset_view()
+    widget.export_animation(out / "growth.gif", fps=6)
+    viewer.close()
+
+
+def quality(out: Path, scan: Path) -> None:
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1300, 850)
+    open_scan(viewer, scan)
+    widget = setup(viewer, "Quality")
+    widget.compute()
+    wait(widget.progress)
+    first = widget.slices.item(0)
+    if first is not None:
+        widget.slices.setCurrentItem(first)
+        widget.go_to_slice(first)
+    viewer.reset_view()
+    viewer.window.screenshot(str(out / "quality.png"), canvas_only=False)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    import napari._qt.qt_main_window as main_window
+
+    main_window.SHOW_QT_WARNING = False  # its toast (PyQt5 deprecation) would cover the canvas
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scan", type=Path, default=phantom_paths()[0], help="scan to show (default: phantom)")
+    args = parser.parse_args()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    segmentation_and_growth(IMAGES, args.scan)
+    quality(IMAGES, args.scan)
+    print("\n".join(str(p) for p in sorted(IMAGES.iterdir())))
