@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from importlib import import_module
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def test_broken_file_raises_a_clear_error(tmp_path):
         _layers(broken)
 
 
+def test_dicom_series_folder_opens_with_its_spacing(tmp_path):
+    from test_volume_io import write_dicom_series
+
+    data = write_dicom_series(tmp_path / "series")
+    [(array, kwargs, kind)] = _layers(tmp_path / "series")
+    assert kind == "image" and kwargs["name"] == "series"
+    np.testing.assert_array_equal(array, data.transpose())
+    np.testing.assert_allclose(kwargs["scale"], (0.8, 0.9, 3.0), rtol=1e-5)
+
+
 def test_folder_that_looks_like_dicom_is_accepted_and_reports_damage(tmp_path):
     series = tmp_path / "series"
     series.mkdir()
@@ -151,8 +162,9 @@ def test_manifest_is_valid_and_every_command_resolves():
 
 
 def test_engine_imports_no_gui_code():
-    lint = shutil.which("lint-imports") or str(REPO / ".venv" / "bin" / "lint-imports")
-    if not Path(lint).exists():
+    beside_python = Path(sys.executable).parent / "lint-imports"
+    lint = str(beside_python) if beside_python.exists() else shutil.which("lint-imports")
+    if lint is None:
         pytest.skip("import-linter is not installed")
-    result = subprocess.run([lint], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([lint], cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
