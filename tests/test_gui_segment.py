@@ -39,7 +39,8 @@ def test_segment_record_growth_export_and_save(segment_ui, qtbot, tmp_path, phan
     assert viewer.layers["phantom probability: foreground"].data.max() <= 1
     assert widget.image.choices == (image,)  # computed maps are not offered as scans to segment
     assert isinstance(seg, Labels) and seg.data.shape == image.data.shape
-    assert list(seg.features["class"]) == ["background", "foreground"]
+    value = int(seg.data[0, 0, 0])  # the class name shows under the cursor
+    assert f"class: {['background', 'foreground'][value]}" in seg.get_status((0, 0, 0), world=True)["coordinates"]
     assert widget.progress.label.text() == "done"
     # the slider runs along the model's slice axis (2): the view shows axes 0 and 1
     assert tuple(viewer.dims.displayed) == (0, 1)

@@ -17,7 +17,6 @@ from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
 
-from mednca.errors import MedNCAError
 from mednca.inference import DEFAULT_NQM_THRESHOLD, quality_iter
 
 from .._layers import layer_kwargs, scan_layers, show_slices_along, slice_world_position, volume_from_layer
@@ -75,7 +74,7 @@ class QualityWidget(QWidget):
         try:
             volume = volume_from_layer(layer)
             model = self.picker.current_model()
-        except MedNCAError as exc:
+        except Exception as exc:  # shown, with its type when it is not an input error
             notify_error(exc)
             return None
         done = partial(self._show_report, layer.name, volume)

@@ -18,7 +18,6 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
-from mednca.errors import MedNCAError
 from mednca.inference import Progress, record_growth, segment_iter
 
 from .._layers import layer_kwargs, scan_layers, show_slices_along, volume_from_layer
@@ -50,7 +49,7 @@ class SegmentWidget(QWidget):
         self.image = ComboBox(label="image", choices=self._image_layers)
         self.axis = ComboBox(label="slice axis", choices=[0, 1, 2], value=2)
         self.steps = SpinBox(label="steps per level", min=1, max=500, value=16)
-        self.fire_rate = FloatSpinBox(label="fire rate", min=0.05, max=1.0, step=0.05, value=0.5)
+        self.fire_rate = FloatSpinBox(label="fire rate", min=0.0, max=0.95, step=0.05, value=0.5)
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
         self.with_probabilities = CheckBox(text="add probability maps", value=False)
         self.growth_scope = ComboBox(label="record growth of", choices=[CURRENT_SLICE, WHOLE_VOLUME])
@@ -92,7 +91,7 @@ class SegmentWidget(QWidget):
             return
         try:
             model = self.picker.current_model()
-        except MedNCAError as exc:
+        except Exception as exc:  # shown, with its type when it is not an input error
             notify_error(exc)
             return
         self.axis.value = model.preprocessing.axis
@@ -108,7 +107,7 @@ class SegmentWidget(QWidget):
         try:
             volume = volume_from_layer(layer)
             model = self.picker.current_model()
-        except MedNCAError as exc:
+        except Exception as exc:  # shown, with its type when it is not an input error
             notify_error(exc)
             return None
         # the model's own steps (which may differ per level) unless the user changed the number
