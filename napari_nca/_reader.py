@@ -50,10 +50,12 @@ def volume_layer_data(volume: Volume, name: str) -> tuple:
 
 def is_label_map(volume: Volume, name: str) -> bool:
     array = volume.array
-    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
-        if array.dtype == bool or array.min() >= 0 and len(np.unique(array)) <= MAX_LABEL_VALUES:
-            return True
-        return bool(LABEL_NAME.search(name)) and array.min() >= 0
+    if array.dtype == bool:
+        return True
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0:
+            return False
+        return bool(LABEL_NAME.search(name)) or _few_values(array)
     if LABEL_NAME.search(name) and np.issubdtype(array.dtype, np.floating):
         try:  # a label map stored as floats: whole, non-negative numbers only
             check_labels(array, volume)
@@ -61,6 +63,14 @@ def is_label_map(volume: Volume, name: str) -> bool:
             return False
         return True
     return False
+
+
+def _few_values(array: np.ndarray) -> bool:
+    """At most MAX_LABEL_VALUES distinct values; a sample of the voxels rules out most scans quickly."""
+    sample = array.ravel()[:: max(1, array.size // 100_000)]
+    if len(np.unique(sample)) > MAX_LABEL_VALUES:
+        return False
+    return len(np.unique(array)) <= MAX_LABEL_VALUES
 
 
 def _layer_name(path: Path) -> str:
