@@ -64,7 +64,7 @@ def test_finetune_shows_result_and_keep_saves_a_listed_model(qtbot, setup, tmp_p
     assert not widget.keep_button.isEnabled()
 
 
-def test_revert_discards_the_model_and_its_layer(qtbot, setup):
+def test_revert_discards_the_model_and_its_layer(qtbot, setup, tmp_path):
     viewer, widget, _, annotation, truth, model_file = setup
     paint_slices(annotation, truth, PAINTED)
     run(qtbot, widget, iterations=3)
@@ -73,6 +73,7 @@ def test_revert_discards_the_model_and_its_layer(qtbot, setup):
     assert f"phantom{TUNED_SUFFIX}" not in viewer.layers
     assert widget.adapted is None and not widget.keep_button.isEnabled()
     assert [p.name for p in model_file.parent.iterdir()] == [model_file.name]
+    assert_screenshot_shows_something(viewer, tmp_path / "reverted.png")
 
 
 def test_cancel_leaves_the_model_unchanged(qtbot, setup, tmp_path):

@@ -74,8 +74,8 @@ def test_train_saves_a_model_that_every_list_shows(qtbot, setup, tmp_path):
     assert_screenshot_shows_something(viewer, tmp_path / "train.png")
 
 
-def test_cancel_saves_nothing(qtbot, setup):
-    _, widget, _, tiny = setup
+def test_cancel_saves_nothing(qtbot, setup, tmp_path):
+    viewer, widget, _, tiny = setup
     widget.iterations.value = 100_000
     widget.start()
     qtbot.waitUntil(lambda: len(widget.plot.losses) >= 2, timeout=30_000)
@@ -83,15 +83,17 @@ def test_cancel_saves_nothing(qtbot, setup):
     qtbot.waitUntil(lambda: not widget.progress.busy, timeout=20_000)
     assert "Cancelled" in widget.result_label.text()
     assert [p.name for p in tiny.parent.iterdir()] == [tiny.name]
+    assert_screenshot_shows_something(viewer, tmp_path / "cancelled.png")
 
 
-def test_a_bad_name_keeps_the_model_until_saved_again(qtbot, setup):
-    _, widget, _, _ = setup
+def test_a_bad_name_keeps_the_model_until_saved_again(qtbot, setup, tmp_path):
+    viewer, widget, _, _ = setup
     widget.iterations.value = 2
     widget.name.value = "no spaces allowed"
     widget.start()
     qtbot.waitUntil(lambda: not widget.progress.busy, timeout=30_000)
     assert "Not saved" in widget.result_label.text() and widget.trained is not None
+    assert_screenshot_shows_something(viewer, tmp_path / "not-saved.png")
     widget.name.value = "fixed-name"
     widget.save_button.click()
     assert "fixed-name" in [entry.name for entry in list_models()]
@@ -99,7 +101,8 @@ def test_a_bad_name_keeps_the_model_until_saved_again(qtbot, setup):
 
 
 def test_a_folder_without_dataset_json_starts_nothing(setup, tmp_path):
-    _, widget, _, _ = setup
+    viewer, widget, _, _ = setup
     widget.folder.value = tmp_path
     assert widget.start() is None
     assert not widget.progress.busy and widget.worker is None
+    assert_screenshot_shows_something(viewer, tmp_path / "nothing.png")

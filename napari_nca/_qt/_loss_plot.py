@@ -1,13 +1,16 @@
 """A live training curve for the dock widgets: loss per iteration, and validation Dice when there is one.
 
-Points arrive from a worker thread's ``yielded`` signal, possibly many per second; the canvas only asks
-matplotlib for an idle redraw, so a burst of points costs one draw and never stalls the viewer.
+Points arrive from a worker thread's ``yielded`` signal, possibly dozens per second. Drawing is what costs
+(tens of milliseconds on the GUI thread, competing with the worker for Python's lock), so points are only
+stored as they come and the canvas is redrawn at most a few times a second, with fixed margins rather than
+a layout engine that would measure every label again at each draw.
 """
 
 from __future__ import annotations
 
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 # napari's default dark theme, so the plot sits in the dock without a white box
@@ -15,6 +18,7 @@ BACKGROUND = "#262930"
 FOREGROUND = "#d1d2d4"
 LOSS_COLOUR = "#5ab4ff"
 DICE_COLOUR = "#ffb347"
+REDRAW_MS = 300
 
 
 class LossPlot(QWidget):
@@ -22,7 +26,7 @@ class LossPlot(QWidget):
 
     def __init__(self, parent: QWidget | None = None, dice_label: str = "validation Dice"):
         super().__init__(parent)
-        self.figure = Figure(figsize=(4, 2.4), facecolor=BACKGROUND, layout="tight")
+        self.figure = Figure(figsize=(4, 2.4), facecolor=BACKGROUND)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(200)
         self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
@@ -30,12 +34,17 @@ class LossPlot(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
         self._dice_label = dice_label
+        self._redraw = QTimer(self)
+        self._redraw.setSingleShot(True)
+        self._redraw.setInterval(REDRAW_MS)
+        self._redraw.timeout.connect(self.canvas.draw_idle)
         self.losses: list[tuple[int, float]] = []
         self.dice: list[tuple[int, float]] = []
         self._build_axes()
 
     def _build_axes(self) -> None:
         self.figure.clear()
+        self.figure.subplots_adjust(left=0.17, right=0.86, bottom=0.2, top=0.95)
         ax = self.figure.add_subplot(111)
         ax.set_facecolor(BACKGROUND)
         for side in ax.spines.values():
@@ -54,7 +63,7 @@ class LossPlot(QWidget):
         self.losses.clear()
         self.dice.clear()
         self._build_axes()
-        self.canvas.draw_idle()
+        self._redraw.start()
 
     def add_loss(self, iteration: int, loss: float) -> None:
         self.losses.append((int(iteration), float(loss)))
@@ -90,4 +99,5 @@ class LossPlot(QWidget):
         self._ax.set_xlim(0, max(last, 1) * 1.02)
         self._ax.relim()
         self._ax.autoscale_view(scalex=False)
-        self.canvas.draw_idle()
+        if not self._redraw.isActive():
+            self._redraw.start()

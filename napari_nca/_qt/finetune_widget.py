@@ -12,6 +12,11 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
+
+# torch.optim imports torch._dynamo (about 800 modules) when the first optimiser is made; done in the worker
+# thread, that import holds Python's lock long enough to freeze the viewer for up to a second, so it happens
+# here, when the widget is loaded, instead.
+import torch._dynamo  # noqa: F401
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch._dynamo  # noqa: F401 (imported here, not by the worker's first optimiser: see finetune_widget)
 from magicgui.widgets import CheckBox, Container, FileEdit, LineEdit, SpinBox
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
