@@ -107,7 +107,7 @@ class EvaluationReport:
         lines = _aligned([head, *body])
         rule = "-" * len(lines[0])
         lines = [lines[0], rule, *lines[1:-1], rule, lines[-1]]
-        lines.append(f"{len(self.rows)} cases")
+        lines.append(f"{len(self.rows)} case" + ("" if len(self.rows) == 1 else "s"))
         if self.has_quality:
             c = self.correlation()
             runs = f" ({self.quality_runs} runs each)" if self.quality_runs else ""
