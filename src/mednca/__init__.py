@@ -11,10 +11,12 @@ The engine behind the napari-nca plugin, usable from scripts and the ``mednca`` 
 
 from .checkpoint import import_reference, load_model_file, save_model
 from .errors import CheckpointError, MedNCAError, VolumeError
+from .evaluation import evaluate
 from .inference import quality_map, record_growth, segment
 from .model import MedNCA, NCAConfig
 from .preprocess import Preprocessing
 from .registry import list_models, load_model, save_user_model
+from .training import finetune, train
 from .volume import Volume, check_labels, image_array, read_volume, write_volume
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "Volume",
     "VolumeError",
     "check_labels",
+    "evaluate",
+    "finetune",
     "image_array",
     "import_reference",
     "list_models",
@@ -37,6 +41,7 @@ __all__ = [
     "save_model",
     "save_user_model",
     "segment",
+    "train",
     "write_volume",
 ]
 __version__ = "0.1.0"
