@@ -106,3 +106,26 @@ def test_bad_input_becomes_a_notification(segment_ui, qtbot, monkeypatch):
     assert shown and "no finite value" in shown[0]
     assert widget.progress.label.text().startswith("failed")
     assert "phantom segmentation" not in viewer.layers
+
+
+def test_model_list_shows_models_saved_later_and_survives_a_cancelled_dialog(qtbot, tiny_model_path, monkeypatch):  # noqa: F811
+    from mednca.model import MedNCA, NCAConfig
+    from mednca.registry import save_user_model
+    from napari_nca._qt._common import FILE_ITEM, ModelPicker
+
+    picker = ModelPicker()
+    qtbot.addWidget(picker)
+    assert picker.current_path() == str(tiny_model_path)
+    save_user_model(MedNCA(NCAConfig(channels=8, hidden=16, steps=(2, 2))), "tuned")  # as Fine-tune does
+    picker.combo.showPopup()
+    picker.combo.hidePopup()
+    names = [picker.combo.itemText(i) for i in range(picker.combo.count())]
+    assert "tuned" in names and picker.current_path() == str(tiny_model_path)
+    with qtbot.waitSignal(picker.model_changed):
+        picker.combo.setCurrentIndex(names.index("tuned"))
+    assert picker.current_model().config.steps == (2, 2)
+
+    monkeypatch.setattr("napari_nca._qt._common.QFileDialog.getOpenFileName", lambda *_, **__: ("", ""))
+    picker.combo.setCurrentIndex(names.index(FILE_ITEM))
+    picker.combo.activated.emit(names.index(FILE_ITEM))
+    assert picker.combo.currentText() == "tuned"

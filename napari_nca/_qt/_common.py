@@ -130,8 +130,9 @@ class ModelPicker(QWidget):
             return
         if chosen:
             self.set_path(chosen)
-        else:  # dialog cancelled: go back to a real model
-            self.combo.setCurrentIndex(max(self.combo.findData(self._last), 0) if self._last else 0)
+        else:  # dialog cancelled: back to the previous model, or to no choice
+            previous = self.combo.findData(self._last) if self._last else -1
+            self.combo.setCurrentIndex(previous if previous >= 0 else (0 if self.combo.itemData(0) else -1))
 
     def _on_index_changed(self, *_) -> None:
         path = self.current_path() or ""
