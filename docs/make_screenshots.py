@@ -5,8 +5,9 @@ shared folder beside the repository. Run under a display (or ``xvfb-run -a``):
 
     .venv/bin/python docs/make_screenshots.py
 
-Writes docs/images/segmentation.png, growth.gif and quality.png. ``--scan FILE`` uses another scan
-instead of the phantom (the authors' model was trained on real MRI and finds little in the phantom).
+Writes docs/images/segmentation.png, growth.gif, quality.png and finetune.png. ``--scan FILE`` uses another
+scan instead of the phantom (the authors' model was trained on real MRI and finds little in the phantom);
+fine-tuning then needs ``--labels FILE``, the scan's label map, from which two slices are "painted".
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from qtpy.QtWidgets import QApplication
 
 from mednca.datasets import phantom_paths
 from mednca.registry import SHIPPED_DIR
+from mednca.volume import read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
@@ -100,14 +102,53 @@ def quality(out: Path, scan: Path) -> None:
     viewer.close()
 
 
+def finetune(out: Path, scan: Path, labels: Path, iterations: int = 40) -> None:
+    """Paint two slices from the label map, as a user correcting a prediction would, fine-tune, and show the
+    adapted model's segmentation on a slice it was not shown, with the loss curve and the Dice."""
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1300, 950)
+    image = open_scan(viewer, scan)
+    truth = read_volume(labels).array
+    widget = setup(viewer, "Fine-tune")
+    axis = widget.picker.current_model().preprocessing.axis
+    labelled = np.flatnonzero(truth.any(axis=tuple(a for a in range(3) if a != axis)))
+    painted = [int(labelled[len(labelled) // 3]), int(labelled[2 * len(labelled) // 3])]
+    annotation = np.zeros_like(truth)
+    for s in painted:
+        np.put_along_axis(annotation, np.full([1 if a == axis else n for a, n in enumerate(truth.shape)], s),
+                          np.take(truth, [s], axis=axis), axis=axis)
+    annotation_layer = viewer.add_labels(annotation, name="annotation", scale=image.scale, translate=image.translate)
+    widget.image.value, widget.labels.value = image, annotation_layer
+    widget.iterations.value = iterations
+    widget.start()
+    wait(widget.progress)
+    annotation_layer.visible = False
+    viewer.dims.set_current_step(viewer.dims.ndim - 3 + axis, (painted[0] + painted[1]) // 2)
+    viewer.reset_view()
+    QApplication.processEvents()
+    viewer.window.screenshot(str(out / "finetune.png"), canvas_only=False)
+    viewer.close()
+
+
 if __name__ == "__main__":
     import napari._qt.qt_main_window as main_window
 
     main_window.SHOW_QT_WARNING = False  # its toast (PyQt5 deprecation) would cover the canvas
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scan", type=Path, default=phantom_paths()[0], help="scan to show (default: phantom)")
+    parser.add_argument("--labels", type=Path, help="label map of --scan, for the fine-tuning picture")
+    parser.add_argument("--only", choices=["segmentation", "quality", "finetune"], help="make one picture only")
     args = parser.parse_args()
+    if args.labels is None and args.scan == phantom_paths()[0]:
+        args.labels = phantom_paths()[1]
     IMAGES.mkdir(parents=True, exist_ok=True)
-    segmentation_and_growth(IMAGES, args.scan)
-    quality(IMAGES, args.scan)
+    if args.only in (None, "segmentation"):
+        segmentation_and_growth(IMAGES, args.scan)
+    if args.only in (None, "quality"):
+        quality(IMAGES, args.scan)
+    if args.only in (None, "finetune"):
+        if args.labels is None:
+            print("no --labels for this scan: the fine-tuning picture is skipped")
+        else:
+            finetune(IMAGES, args.scan, args.labels)
     print("\n".join(str(p) for p in sorted(IMAGES.iterdir())))
