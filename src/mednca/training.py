@@ -447,7 +447,7 @@ def finetune_iter(
     slices: Sequence[int] | None = None,
     *,
     iterations: int = 30,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     batch_size: int = 4,
     seed: int = 0,
 ) -> Generator[TrainEvent, None, tuple[MedNCA, FinetuneReport]]:

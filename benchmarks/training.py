@@ -1,0 +1,89 @@
+"""Training speed and early convergence: our recipe against the Med-NCA authors' plain recipe.
+
+1. Iterations per second of both recipes, measured alternately in one process (one thread), so that
+   load from other processes hits both alike.
+2. Validation Dice (model space, whole hippocampus) after the same short run of each recipe, same seed,
+   same data, same batch size.
+3. From a training log of ``benchmarks/train_hippocampus.py``: time and iterations until the validation
+   Dice first reached the target.
+
+    python benchmarks/training.py DATA_DIR [SHORT_ITERATIONS] [TRAINING_LOG]
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+import torch
+
+from mednca.data import build_slices, load_cases, split_cases
+from mednca.preprocess import Preprocessing
+from mednca.training import AUTHORS_RECIPE, HIPPOCAMPUS, Recipe, _train_step, new_model, train_iter
+
+RECIPES = {"ours": Recipe(), "authors'": AUTHORS_RECIPE}
+TARGET = 0.89
+
+
+def speed(train, batch_size: int, rounds: int = 3, steps: int = 10) -> dict[str, float]:
+    models = {name: new_model(HIPPOCAMPUS, Preprocessing(), 0) for name in RECIPES}
+    opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in models.items()}
+    gens = {name: torch.Generator().manual_seed(0) for name in RECIPES}
+    spent = dict.fromkeys(RECIPES, 0.0)
+    for _ in range(rounds):
+        for name, recipe in RECIPES.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                _train_step(models[name], opts[name], train, batch_size, recipe, gens[name])
+            spent[name] += time.perf_counter() - t
+    return {name: rounds * steps / s for name, s in spent.items()}
+
+
+def short_runs(slices, iterations: int, batch_size: int) -> dict[str, dict]:
+    out = {}
+    for name, recipe in RECIPES.items():
+        t = time.perf_counter()
+        events = list(train_iter(slices, recipe=recipe, iterations=iterations, batch_size=batch_size,
+                                 eval_every=iterations, eval_slices=256, seed=0))
+        dice = [e.val_dice for e in events if e.kind == "eval"][-1]
+        out[name] = {"dice": dice, "seconds": time.perf_counter() - t}
+    return out
+
+
+def time_to_target(log_path: str) -> str:
+    start = None
+    for line in open(log_path):
+        m = re.match(r"(\d\d):(\d\d):(\d\d) ", line)
+        if not m:
+            continue
+        t = int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
+        start = t if start is None else start
+        hit = re.search(r"it (\d+) validation Dice .* whole ([0-9.]+)", line)
+        if hit and float(hit[2]) >= TARGET:
+            return f"validation Dice {float(hit[2]):.4f} >= {TARGET} at iteration {hit[1]}, {(t - start) / 60:.0f} min"
+    return f"validation Dice never reached {TARGET} in {log_path}"
+
+
+def main(data: str, iterations: int = 300, log_path: str | None = None) -> None:
+    torch.set_num_threads(1)
+    slices = build_slices(load_cases(data), HIPPOCAMPUS, Preprocessing())
+    train_cases, _ = split_cases(len(slices.case_ids), 0.1, 0)
+    train = slices.subset(train_cases)
+    print("training iterations per second, one thread, alternating recipes in one process")
+    print(f"{'batch':>5s} " + " ".join(f"{n:>10s}" for n in RECIPES) + "   ratio")
+    for bs in (8, 16):
+        s = speed(train, bs)
+        ours, theirs = s["ours"], s["authors'"]
+        print(f"{bs:5d} " + " ".join(f"{v:10.2f}" for v in s.values()) + f"   {ours / theirs:5.2f}")
+    print(f"\nvalidation Dice (64x64, 256 validation slices) after {iterations} iterations, batch 8, seed 0")
+    for name, r in short_runs(slices, iterations, 8).items():
+        d = r["dice"]
+        print(f"{name:10s} whole {d['whole']:.3f} anterior {d['anterior']:.3f} posterior {d['posterior']:.3f}"
+              f"   ({r['seconds']:.0f} s)")
+    if log_path:
+        print(f"\ntime to target: {time_to_target(log_path)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:3]), *sys.argv[3:4])
