@@ -27,6 +27,7 @@ def setup(make_napari_viewer, monkeypatch, tmp_path):
     viewer.window.add_dock_widget(other, name="Segment")
     viewer.window.add_dock_widget(widget, name="Fine-tune")
     widget.image.value, widget.labels.value = image, annotation
+    widget.picker.set_path(model_file)
     with torch_threads(1):
         yield viewer, widget, other, annotation, truth, model_file
 
