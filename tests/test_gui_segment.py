@@ -115,7 +115,7 @@ def test_model_list_shows_models_saved_later_and_survives_a_cancelled_dialog(qtb
 
     picker = ModelPicker()
     qtbot.addWidget(picker)
-    assert picker.current_path() == str(tiny_model_path)
+    picker.set_path(tiny_model_path)
     save_user_model(MedNCA(NCAConfig(channels=8, hidden=16, steps=(2, 2))), "tuned")  # as Fine-tune does
     picker.combo.showPopup()
     picker.combo.hidePopup()
