@@ -168,8 +168,6 @@ class FinetuneWidget(QWidget):
         except MedNCAError as exc:
             notify_error(exc)
             return None
-        self.plot.reset()
-        self.result_label.setText("")
         done = partial(self._show_result, image.name, self.picker.combo.currentText())
         # a snapshot of the annotation: painting on while it trains does not change this run
         self.worker = run_worker(
@@ -177,7 +175,12 @@ class FinetuneWidget(QWidget):
             iterations=int(self.iterations.value), lr=float(self.lr.value), seed=int(self.seed.value),
             on_yield=self._on_event, on_return=done, text="fine-tuning…",
         )
-        if self.worker is not None:
+        if self.worker is not None:  # its events reach this (GUI) thread only after this method returns
+            self.plot.reset()
+            self.result_label.setText("")
+            # Keep/Revert wait for the run; a cancelled or failed one leaves the previous result keepable
+            self._set_result_buttons(False)
+            self.worker.finished.connect(lambda: self._set_result_buttons(self.adapted is not None))
             self.worker.aborted.connect(
                 lambda: self.result_label.setText("Cancelled: the chosen model is unchanged, nothing was added.")
             )

@@ -77,16 +77,16 @@ class TrainWidget(QWidget):
             notify_error(exc)
             return None
         total = int(self.iterations.value)
-        self.plot.reset()
-        self.result_label.setText("")
-        self.trained = None
-        self.save_button.setVisible(False)
         self.worker = run_worker(
             self.progress, train_iter, folder, iterations=total, seed=int(self.seed.value), init_model=init,
             log_every=min(max(1, total // POINTS), LOG_EVERY_MAX), eval_every=max(1, total // EVALUATIONS),
             on_yield=self._on_event, on_return=self._finished, text="reading the dataset…",
         )
-        if self.worker is not None:
+        if self.worker is not None:  # its events reach this (GUI) thread only after this method returns
+            self.plot.reset()
+            self.result_label.setText("")
+            self.trained = None
+            self.save_button.setVisible(False)
             self.worker.aborted.connect(lambda: self.result_label.setText("Cancelled: no model was saved."))
         return self.worker
 
