@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _gui import add_phantom, assert_screenshot_shows_something, paint_slices, tiny_model_folder
+from gui_annotation import add_phantom, paint_slices, screenshot_shows_something
+from gui_support import tiny_model_path  # noqa: F401 (a fixture)
 
 from mednca.inference import torch_threads
 from mednca.registry import list_models, load_model
@@ -16,9 +17,9 @@ PAINTED = (14, 22)
 
 
 @pytest.fixture
-def setup(make_napari_viewer, monkeypatch, tmp_path):
+def setup(make_napari_viewer, tiny_model_path):  # noqa: F811
     """A viewer with the phantom, an empty annotation layer and the Fine-tune and Segment widgets."""
-    model_file = tiny_model_folder(monkeypatch, tmp_path)
+    model_file = tiny_model_path
     viewer = make_napari_viewer(show=True)
     image, truth = add_phantom(viewer)
     annotation = viewer.add_labels(truth * 0, name="annotation", scale=image.scale, translate=image.translate)
@@ -54,7 +55,7 @@ def test_finetune_shows_result_and_keep_saves_a_listed_model(qtbot, setup, tmp_p
     assert [i for i, _ in widget.plot.losses] == list(range(1, 13))
     assert "before" in widget.result_label.text() and "after" in widget.result_label.text()
     assert widget.keep_button.isEnabled() and widget.revert_button.isEnabled()
-    assert_screenshot_shows_something(viewer, tmp_path / "finetune.png")
+    screenshot_shows_something(viewer, tmp_path / "finetune.png")
 
     widget.name_edit.setText("tiny-phantom")
     path = widget.keep()
@@ -74,7 +75,7 @@ def test_revert_discards_the_model_and_its_layer(qtbot, setup, tmp_path):
     assert f"phantom{TUNED_SUFFIX}" not in viewer.layers
     assert widget.adapted is None and not widget.keep_button.isEnabled()
     assert [p.name for p in model_file.parent.iterdir()] == [model_file.name]
-    assert_screenshot_shows_something(viewer, tmp_path / "reverted.png")
+    screenshot_shows_something(viewer, tmp_path / "reverted.png")
 
 
 def test_cancel_leaves_the_model_unchanged(qtbot, setup, tmp_path):
@@ -85,7 +86,7 @@ def test_cancel_leaves_the_model_unchanged(qtbot, setup, tmp_path):
     widget.iterations.value = 100_000
     widget.start()
     qtbot.waitUntil(lambda: len(widget.plot.losses) >= 3, timeout=20_000)
-    assert_screenshot_shows_something(viewer, tmp_path / "running.png")
+    screenshot_shows_something(viewer, tmp_path / "running.png")
     widget.progress.cancel_button.click()
     qtbot.waitUntil(lambda: not widget.progress.busy, timeout=20_000)
 

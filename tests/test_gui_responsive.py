@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 import pytest
-from _gui import add_phantom, assert_screenshot_shows_something, paint_slices, tiny_model_folder
+from gui_annotation import add_phantom, paint_slices, screenshot_shows_something
+from gui_support import tiny_model_path  # noqa: F401 (a fixture)
 from qtpy.QtCore import Qt, QTimer
 
 from mednca.inference import torch_threads
@@ -53,40 +54,35 @@ class Ticks:
 
 
 @pytest.fixture
-def tiny(monkeypatch, tmp_path):
-    return tiny_model_folder(monkeypatch, tmp_path)
-
-
-@pytest.fixture
-def viewer(make_napari_viewer, tiny):
+def viewer(make_napari_viewer, tiny_model_path):  # noqa: F811
     with torch_threads(1):
         yield make_napari_viewer(show=True)
 
 
-def test_segmentation_keeps_the_viewer_responsive(qtbot, viewer, tiny, tmp_path):
+def test_segmentation_keeps_the_viewer_responsive(qtbot, viewer, tiny_model_path, tmp_path):  # noqa: F811
     # a long scan, so the worker runs for a few seconds even with the tiny model
     scan = np.random.default_rng(0).normal(100, 20, (48, 48, 600)).astype(np.float32)
     image = viewer.add_image(scan, name="long scan")
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.image.value = image
-    widget.picker.set_path(tiny)
+    widget.picker.set_path(tiny_model_path)
     ticks = Ticks()
     ticks.start(widget.segment())
     qtbot.waitUntil(lambda: not widget.progress.busy, timeout=60_000)
     assert "long scan segmentation" in viewer.layers
     ticks.check(min_seconds=0.5)
-    assert_screenshot_shows_something(viewer, tmp_path / "segmented.png")
+    screenshot_shows_something(viewer, tmp_path / "segmented.png")
 
 
-def test_finetuning_keeps_the_viewer_responsive(qtbot, viewer, tiny, tmp_path):
+def test_finetuning_keeps_the_viewer_responsive(qtbot, viewer, tiny_model_path, tmp_path):  # noqa: F811
     image, truth = add_phantom(viewer)
     annotation = viewer.add_labels(truth * 0, name="annotation", scale=image.scale, translate=image.translate)
     paint_slices(annotation, truth, (14, 22))
     widget = FinetuneWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.image.value, widget.labels.value = image, annotation
-    widget.picker.set_path(tiny)
+    widget.picker.set_path(tiny_model_path)
     widget.iterations.value = 100_000
     ticks = Ticks()
     ticks.start(widget.start())
@@ -96,4 +92,4 @@ def test_finetuning_keeps_the_viewer_responsive(qtbot, viewer, tiny, tmp_path):
     qtbot.waitUntil(lambda: not widget.progress.busy, timeout=20_000)
     assert len(widget.plot.losses) >= 2, "the fine-tuning did not run during the measurement"
     ticks.check(min_seconds=1.5)
-    assert_screenshot_shows_something(viewer, tmp_path / "cancelled.png")
+    screenshot_shows_something(viewer, tmp_path / "cancelled.png")

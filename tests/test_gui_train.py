@@ -6,7 +6,8 @@ import json
 
 import nibabel as nib
 import pytest
-from _gui import assert_screenshot_shows_something, tiny_model_folder
+from gui_annotation import screenshot_shows_something
+from gui_support import tiny_model_path  # noqa: F401 (a fixture)
 
 from mednca.datasets import make_phantom
 from mednca.inference import torch_threads
@@ -39,9 +40,9 @@ def task_folder(tmp_path_factory):
 
 
 @pytest.fixture
-def setup(make_napari_viewer, monkeypatch, tmp_path, task_folder):
+def setup(make_napari_viewer, task_folder, tiny_model_path):  # noqa: F811
     """A viewer with the Train widget set to continue the tiny model on a 4-case folder, and a Segment widget."""
-    tiny = tiny_model_folder(monkeypatch, tmp_path)
+    tiny = tiny_model_path
     viewer = make_napari_viewer(show=True)
     widget = TrainWidget(viewer)
     other = SegmentWidget(viewer)
@@ -71,7 +72,7 @@ def test_train_saves_a_model_that_every_list_shows(qtbot, setup, tmp_path):
     assert [i for i, _ in widget.plot.losses] == list(range(1, 11))
     assert len(widget.plot.dice) == 10 and all(0.0 <= d <= 1.0 for _, d in widget.plot.dice)
     assert widget.progress.bar.value() == widget.progress.bar.maximum()
-    assert_screenshot_shows_something(viewer, tmp_path / "train.png")
+    screenshot_shows_something(viewer, tmp_path / "train.png")
 
 
 def test_cancel_saves_nothing(qtbot, setup, tmp_path):
@@ -83,7 +84,7 @@ def test_cancel_saves_nothing(qtbot, setup, tmp_path):
     qtbot.waitUntil(lambda: not widget.progress.busy, timeout=20_000)
     assert "Cancelled" in widget.result_label.text()
     assert [p.name for p in tiny.parent.iterdir()] == [tiny.name]
-    assert_screenshot_shows_something(viewer, tmp_path / "cancelled.png")
+    screenshot_shows_something(viewer, tmp_path / "cancelled.png")
 
 
 def test_a_bad_name_keeps_the_model_until_saved_again(qtbot, setup, tmp_path):
@@ -93,7 +94,7 @@ def test_a_bad_name_keeps_the_model_until_saved_again(qtbot, setup, tmp_path):
     widget.start()
     qtbot.waitUntil(lambda: not widget.progress.busy, timeout=30_000)
     assert "Not saved" in widget.result_label.text() and widget.trained is not None
-    assert_screenshot_shows_something(viewer, tmp_path / "not-saved.png")
+    screenshot_shows_something(viewer, tmp_path / "not-saved.png")
     widget.name.value = "fixed-name"
     widget.save_button.click()
     assert "fixed-name" in [entry.name for entry in list_models()]
@@ -105,4 +106,4 @@ def test_a_folder_without_dataset_json_starts_nothing(setup, tmp_path):
     widget.folder.value = tmp_path
     assert widget.start() is None
     assert not widget.progress.busy and widget.worker is None
-    assert_screenshot_shows_something(viewer, tmp_path / "nothing.png")
+    screenshot_shows_something(viewer, tmp_path / "nothing.png")
