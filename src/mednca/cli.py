@@ -20,6 +20,7 @@ from .errors import MedNCAError
 from .evaluation import data_pairs, evaluate_iter, select_cases
 from .inference import quality_iter, segment_iter, torch_threads
 from .model import NCAConfig
+from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve
 from .training import AUTHORS_RECIPE, train_iter
 from .volume import read_volume, write_volume
@@ -175,14 +176,12 @@ def _segment_one(model, scan: Path, args, single: bool) -> str:
 def _drive(gen, name: str):
     """Run an engine generator to its result with a progress bar on stderr."""
     with tqdm(desc=name, unit="slice", leave=False, file=sys.stderr) as bar:
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            bar.total = p.total
-            bar.n = p.done
+
+        def show(p):
+            bar.total, bar.n = p.total, p.done
             bar.refresh()
+
+        return run_to_end(gen, show)
 
 
 def cmd_import(args) -> int:
@@ -237,14 +236,12 @@ def cmd_evaluate(args) -> int:
     gen = evaluate_iter(model, args.data, quality_runs=args.quality, seed=args.seed, cases=chosen,
                         threads=args.threads)
     with tqdm(total=len(chosen), unit="case", file=sys.stderr, leave=False) as bar:
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                report = stop.value
-                break
+
+        def show(p):
             bar.n = p.done
             bar.set_description(p.stage)
+
+        report = run_to_end(gen, show)
     report.meta["model"] = str(args.model)
     print(report.table())
     for path, write in ((args.csv, report.to_csv), (args.json, report.to_json)):

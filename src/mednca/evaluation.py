@@ -29,8 +29,9 @@ import numpy as np
 
 from .data import decathlon_pairs
 from .errors import MedNCAError
-from .inference import Progress, quality_iter, segment_iter
+from .inference import quality_iter, segment_iter
 from .model import MedNCA
+from .progress import Progress, run_to_end
 from .volume import Volume, check_labels, read_volume
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -272,12 +273,7 @@ def evaluate_iter(
 
 def evaluate(model: MedNCA, data, **kwargs) -> EvaluationReport:
     """``evaluate_iter`` run to the end (see it for the options)."""
-    gen = evaluate_iter(model, data, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run_to_end(evaluate_iter(model, data, **kwargs))
 
 
 def _as_case_progress(work: Generator, done: int, total: int, case: str) -> Generator[Progress, None, object]:

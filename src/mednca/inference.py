@@ -1,9 +1,8 @@
 """Segmenting volumes: slicing, batched stochastic runs, quality maps and recorded growth.
 
-Every entry point is a generator that yields ``Progress`` and returns its result, so a command line can
-drive a progress bar, a viewer can run it in a worker thread and cancel it by closing the generator, and a
-script can call the plain function. Slices are processed in chunks of ``CHUNK`` model inputs, which keeps
-the per-step tensors inside the CPU caches and the memory bounded for any volume size.
+Every entry point is a generator that yields ``Progress`` and returns its result (see ``progress.py``), and
+has a plain function beside it that runs it to the end. Slices are processed in chunks of ``CHUNK`` model
+inputs, which keeps the per-step tensors inside the CPU caches and the memory bounded for any volume size.
 
 Each (seed, run, slice) has its own random generator: a slice's result does not depend on the chunk size,
 the thread count or which other slices are processed, so the recorded growth of one slice ends exactly at
@@ -21,17 +20,11 @@ import torch
 
 from .model import MedNCA
 from .preprocess import prepare_slices, restore_slices
+from .progress import Progress, run_to_end
 from .volume import Volume, image_array
 
 CHUNK = 8  # model inputs per batch: 8 x 64x64 cells x 32 channels stay in L2-sized working sets
 DEFAULT_NQM_THRESHOLD = 0.1
-
-
-@dataclass(frozen=True)
-class Progress:
-    done: int
-    total: int
-    stage: str
 
 
 @dataclass
@@ -266,17 +259,9 @@ def _threaded(gen: Generator, threads: int | None):
 
 def segment(model: MedNCA, volume: Volume, **kwargs) -> Segmentation:
     """Segment ``volume`` (see ``segment_iter`` for the options)."""
-    return _finish(segment_iter(model, volume, **kwargs))
+    return run_to_end(segment_iter(model, volume, **kwargs))
 
 
 def quality_map(model: MedNCA, volume: Volume, runs: int = 10, **kwargs) -> QualityReport:
     """Quality map of ``runs`` stochastic runs (see ``quality_iter`` for the options)."""
-    return _finish(quality_iter(model, volume, runs, **kwargs))
-
-
-def _finish(gen: Generator):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run_to_end(quality_iter(model, volume, runs, **kwargs))
