@@ -251,3 +251,11 @@ def run_worker(panel: ProgressPanel, function, *args, on_yield=None, on_return=N
     panel.started(worker, text)
     worker.start()
     return worker
+
+
+def refresh_model_lists(widget: QWidget) -> None:
+    """Re-list the models in every model picker of the window ``widget`` is docked in (a saved model must
+    show up in the other widgets at once)."""
+    root = widget.window()
+    for picker in {*root.findChildren(ModelPicker), *widget.findChildren(ModelPicker)}:
+        picker.refresh()

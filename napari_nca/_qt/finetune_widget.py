@@ -28,7 +28,7 @@ from mednca.registry import save_user_model
 from mednca.training import annotated_slices, finetune_iter
 
 from .._layers import layer_kwargs, show_slices_along, volume_from_layer
-from ._common import ModelPicker, ProgressPanel, notify_error, run_worker
+from ._common import ModelPicker, ProgressPanel, notify_error, refresh_model_lists, run_worker
 from ._loss_plot import LossPlot
 
 TUNED_SUFFIX = " segmentation (fine-tuned)"
@@ -40,14 +40,6 @@ def finetune_and_segment(model, volume, labels, *, iterations, lr, seed):
     tuned, report = yield from finetune_iter(model, volume, labels, iterations=iterations, lr=lr, seed=seed)
     segmentation = yield from segment_iter(tuned, volume, seed=seed)
     return tuned, report, segmentation
-
-
-def refresh_model_lists(widget: QWidget) -> None:
-    """Re-list the models in every model picker of the window ``widget`` is docked in (a saved model must
-    show up in the other widgets at once)."""
-    root = widget.window()
-    for picker in {*root.findChildren(ModelPicker), *widget.findChildren(ModelPicker)}:
-        picker.refresh()
 
 
 def format_dice(dice: dict[str, float]) -> str:

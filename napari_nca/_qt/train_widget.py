@@ -19,9 +19,8 @@ from mednca.errors import MedNCAError
 from mednca.registry import save_user_model
 from mednca.training import train_iter
 
-from ._common import ModelPicker, ProgressPanel, notify_error, run_worker
+from ._common import ModelPicker, ProgressPanel, notify_error, refresh_model_lists, run_worker
 from ._loss_plot import LossPlot
-from .finetune_widget import refresh_model_lists
 
 POINTS = 200  # loss points reported over a run of any length...
 LOG_EVERY_MAX = 20  # ...but at least one every 20 iterations, so a long run shows life at once
