@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mednca.inference import quality_iter, segment, segment_iter, torch_threads
+from mednca.inference import CHUNK, quality_iter, segment, segment_iter, torch_threads
 from mednca.model import MedNCA
 from mednca.preprocess import prepare_slices
 from mednca.registry import load_model
@@ -104,8 +104,8 @@ def run_levels(model: MedNCA, inputs: torch.Tensor, level: int) -> float:
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     with torch.no_grad():
-        for i in range(0, inputs.shape[0], 8):
-            x = state[i : i + 8]
+        for i in range(0, inputs.shape[0], CHUNK):
+            x = state[i : i + CHUNK]
             for _ in range(cfg.steps[level]):
                 x = model.backbones[level].step(x, torch.rand((x.shape[0], *size), generator=gen) > 0.5, 1)
     return time.perf_counter() - start

@@ -23,7 +23,7 @@ from .preprocess import prepare_slices, restore_slices
 from .progress import Progress, run_to_end
 from .volume import Volume, image_array
 
-CHUNK = 8  # model inputs per batch: 8 x 64x64 cells x 32 channels stay in L2-sized working sets
+CHUNK = 16  # model inputs per batch: measured fastest here (8 and 40 are 7-20% slower at 1 thread)
 DEFAULT_NQM_THRESHOLD = 0.1
 
 
