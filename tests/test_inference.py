@@ -71,7 +71,7 @@ def test_progress_counts_up_to_the_number_of_slices(tiny_model, volume):
 
 def test_cancelling_stops_the_work_and_restores_thread_settings(tiny_model, volume):
     before = torch.get_num_threads()
-    gen = segment_iter(tiny_model, volume, threads=1)
+    gen = segment_iter(tiny_model, volume, axis=1, threads=1)  # 24 slices: more than one chunk
     first = next(gen)
     assert first.done < first.total
     gen.close()
