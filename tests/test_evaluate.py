@@ -12,7 +12,8 @@ import pytest
 
 from mednca import cli
 from mednca.checkpoint import load_model_file, save_model
-from mednca.cli import dataset_config, main
+from mednca.cli import main
+from mednca.data import dataset_config
 from mednca.errors import MedNCAError
 from mednca.evaluation import (
     CaseResult,

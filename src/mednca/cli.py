@@ -19,7 +19,6 @@ from .checkpoint import read_metadata, save_model
 from .errors import MedNCAError
 from .evaluation import data_pairs, evaluate_iter, select_cases
 from .inference import quality_iter, segment_iter, torch_threads
-from .model import NCAConfig
 from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve
 from .training import AUTHORS_RECIPE, train_iter
@@ -266,12 +265,9 @@ def cmd_train(args) -> int:
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
         seed=args.seed, eval_every=args.eval_every, checkpoint_path=checkpoint,
         checkpoint_every=args.checkpoint_every, resume=args.resume, best_path=args.best,
-        provenance=dataset_provenance(args.data),
     )
     if args.init is not None:
         options["init_model"] = load_model(args.init)
-    else:
-        options["config"] = dataset_config(args.data)
     if args.authors_recipe:
         options["recipe"] = AUTHORS_RECIPE
     data_pairs(args.data)  # a bad folder is reported now, with its reason, not by the training loop
@@ -319,35 +315,6 @@ def cmd_train(args) -> int:
     if n_val:
         print(f"native-resolution Dice on those cases: mednca evaluate {path} {args.data} --cases validation")
     return 0
-
-
-def dataset_config(folder: Path) -> NCAConfig:
-    """The default architecture with the classes named in dataset.json ("labels": {"1": "Anterior", ...});
-    one "foreground" class (every label > 0) when it names none."""
-    try:
-        labels = _dataset_index(folder).get("labels", {})
-        classes = sorted((int(k), str(v).lower()) for k, v in labels.items() if int(k) > 0)
-    except (ValueError, AttributeError):
-        classes = []
-    names = tuple(name for _, name in classes) or ("foreground",)
-    return NCAConfig(output_channels=len(names), class_names=names)
-
-
-def dataset_provenance(folder: Path) -> dict:
-    """What the model records about its training data: the task's name and licence from dataset.json (the
-    licence of the data travels with weights trained on it)."""
-    index = _dataset_index(folder)
-    described = {k: str(index[k]) for k in ("name", "licence", "license", "reference") if k in index}
-    return {"training_data": described or {"name": folder.name}}
-
-
-def _dataset_index(folder: Path) -> dict:
-    """dataset.json's contents, or {} (data_pairs reports an unreadable dataset.json precisely)."""
-    try:
-        index = json.loads((folder / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return index if isinstance(index, dict) else {}
 
 
 def _dice_text(dice: dict[str, float]) -> str:

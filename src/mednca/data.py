@@ -94,14 +94,46 @@ def load_cases(data: str | os.PathLike | Sequence[Pair]) -> list[Case]:
         if len(pair) != 2:
             raise MedNCAError(f"training case {i} must be an (image, label) pair")
         image, label = (p if isinstance(p, Volume) else read_volume(p) for p in pair)
-        cases.append(Case(_case_id(image, i), image_array(image), check_labels(label, image)))
+        cases.append(Case(case_id(image, i), image_array(image), check_labels(label, image)))
     return cases
 
 
-def _case_id(volume: Volume, index: int) -> str:
-    if volume.source is None:
+def case_id(image: Volume | str | os.PathLike, index: int) -> str:
+    """A case's id: its image file name without ``.nii.gz`` / ``.nii``, or ``case_<index>`` for a volume
+    made in memory. Training records validation cases by this id, and evaluation selects them by it."""
+    source = image.source if isinstance(image, Volume) else image
+    if source is None:
         return f"case_{index:04d}"
-    return Path(volume.source).name.removesuffix(".gz").removesuffix(".nii")
+    return Path(source).name.removesuffix(".gz").removesuffix(".nii")
+
+
+def dataset_config(folder: str | os.PathLike) -> NCAConfig:
+    """The default architecture with the classes named in dataset.json ("labels": {"1": "Anterior", ...});
+    one "foreground" class (every label > 0) when it names none."""
+    try:
+        labels = _dataset_index(folder).get("labels", {})
+        classes = sorted((int(k), str(v).lower()) for k, v in labels.items() if int(k) > 0)
+    except (ValueError, AttributeError):
+        classes = []
+    names = tuple(name for _, name in classes) or ("foreground",)
+    return NCAConfig(output_channels=len(names), class_names=names)
+
+
+def dataset_provenance(folder: str | os.PathLike) -> dict:
+    """What a model records about its training data: the task's name and licence from dataset.json (the
+    licence of the data travels with weights trained on it)."""
+    index = _dataset_index(folder)
+    described = {k: str(index[k]) for k in ("name", "licence", "license", "reference") if k in index}
+    return {"training_data": described or {"name": Path(folder).name}}
+
+
+def _dataset_index(folder: str | os.PathLike) -> dict:
+    """dataset.json's contents, or {} (decathlon_pairs reports an unreadable dataset.json precisely)."""
+    try:
+        index = json.loads((Path(folder) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def case_slices(

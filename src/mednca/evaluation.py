@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import decathlon_pairs
+from .data import case_id, decathlon_pairs
 from .errors import MedNCAError
 from .inference import quality_iter, segment_iter
 from .model import MedNCA
@@ -308,15 +308,6 @@ def data_pairs(data) -> list[tuple[str, Volume | Path, Volume | Path]]:
         dup = sorted({c for c in ids if ids.count(c) > 1})
         raise MedNCAError(f"several cases share the id(s) {dup}; case ids come from the image file names")
     return out
-
-
-def case_id(image: Volume | Path, index: int) -> str:
-    """The id training records for a case (see ``mednca.data``): the image file name without ``.nii.gz`` /
-    ``.nii``, or ``case_<index>`` for an in-memory volume."""
-    source = image.source if isinstance(image, Volume) else image
-    if source is None:
-        return f"case_{index:04d}"
-    return Path(source).name.removesuffix(".gz").removesuffix(".nii")
 
 
 def select_cases(model: MedNCA, pairs: list, cases: str | Sequence[str] | None) -> list:

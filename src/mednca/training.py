@@ -32,10 +32,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import save_model
-from .data import Case, SliceSet, augment, build_slices, case_slices, load_cases, split_cases
+from .data import (
+    Case,
+    SliceSet,
+    augment,
+    build_slices,
+    case_slices,
+    dataset_config,
+    dataset_provenance,
+    load_cases,
+    split_cases,
+)
 from .errors import CheckpointError, MedNCAError
 from .model import MedNCA, NCAConfig
 from .preprocess import Preprocessing
+from .progress import run_to_end
 from .volume import Volume, check_labels, image_array
 
 HIPPOCAMPUS = NCAConfig(output_channels=2, class_names=("anterior", "posterior"))
@@ -243,7 +254,7 @@ def _prepare_data(data, config: NCAConfig, prep: Preprocessing) -> SliceSet:
 def train_iter(
     data,
     *,
-    config: NCAConfig = HIPPOCAMPUS,
+    config: NCAConfig | None = None,
     preprocessing: Preprocessing | None = None,
     recipe: Recipe | None = None,
     val_fraction: float = 0.1,
@@ -273,7 +284,13 @@ def train_iter(
     of every validation slice costs as much as hundreds of training steps.
     ``init_model`` starts from its weights (a copy: it is never modified). ``provenance`` (e.g. the data and
     its licence) is added to the model's provenance with the training setup.
+    Without ``config``, a Decathlon folder's dataset.json names the classes (its name and licence go into
+    the provenance); other data gets the two-class hippocampus architecture.
     """
+    if isinstance(data, str | os.PathLike):
+        config = config or dataset_config(data)
+        provenance = {**dataset_provenance(data), **(provenance or {})}
+    config = config or HIPPOCAMPUS
     recipe = recipe or Recipe()
     if lr is not None:
         recipe = Recipe(**{**asdict(recipe), "lr": lr})
@@ -367,15 +384,7 @@ def _train_step(model, opt, train: SliceSet, batch_size: int, recipe: Recipe, ge
 
 def train(data, **kwargs) -> MedNCA:
     """``train_iter`` run to the end; returns the trained model."""
-    return _finish(train_iter(data, **kwargs))
-
-
-def _finish(gen: Generator):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run_to_end(train_iter(data, **kwargs))
 
 
 # ------------------------------------------------------------------------------------ training state
@@ -510,4 +519,4 @@ def finetune_iter(
 
 def finetune(model: MedNCA, volume: Volume, labels, slices: Sequence[int] | None = None, **kwargs):
     """``finetune_iter`` run to the end; returns ``(new_model, FinetuneReport)``."""
-    return _finish(finetune_iter(model, volume, labels, slices, **kwargs))
+    return run_to_end(finetune_iter(model, volume, labels, slices, **kwargs))
