@@ -49,7 +49,7 @@ def test_quality_without_an_image_says_what_to_do(make_napari_viewer, tiny_model
     viewer = make_napari_viewer(show=True)
     _, widget = viewer.window.add_plugin_dock_widget("napari-nca", "Quality")
     shown = []
-    monkeypatch.setattr("napari_nca._qt.quality_widget.show_info", shown.append)
+    monkeypatch.setattr("napari_nca._qt._common.show_info", shown.append)
     assert widget.compute() is None
     assert shown and "Open a scan" in shown[0]
     assert widget.report is None and widget.slices.count() == 0

@@ -28,6 +28,9 @@ from qtpy.QtWidgets import (
 from mednca.errors import MedNCAError
 from mednca.model import MedNCA
 from mednca.registry import list_models, load_model
+from mednca.volume import Volume
+
+from .._layers import volume_from_layer
 
 FOLDER_ITEM = "Authors' checkpoint folder…"
 FILE_ITEM = "File…"
@@ -259,3 +262,16 @@ def refresh_model_lists(widget: QWidget) -> None:
     root = widget.window()
     for picker in {*root.findChildren(ModelPicker), *widget.findChildren(ModelPicker)}:
         picker.refresh()
+
+
+def scan_and_model(layer, picker: ModelPicker) -> tuple[Volume, MedNCA] | None:
+    """The chosen scan as a Volume and the chosen model; tells the user and returns None when either is
+    missing or cannot be used."""
+    if layer is None:
+        show_info("Open a scan first (File > Open, or File > Open Sample > napari-nca).")
+        return None
+    try:
+        return volume_from_layer(layer), picker.current_model()
+    except Exception as exc:  # shown, with its type when it is not an input error
+        notify_error(exc)
+        return None

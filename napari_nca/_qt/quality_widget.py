@@ -13,14 +13,13 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, SpinBox
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
 
 from mednca.inference import DEFAULT_NQM_THRESHOLD, quality_iter
 
-from .._layers import layer_kwargs, scan_layers, show_slices_along, slice_world_position, volume_from_layer
-from ._common import ModelPicker, ProgressPanel, notify_error, run_worker
+from .._layers import layer_kwargs, scan_layers, show_slices_along, slice_world_position
+from ._common import ModelPicker, ProgressPanel, run_worker, scan_and_model
 
 TOP_SLICES = 5  # listed when no slice passes the threshold, so there is always somewhere to look
 
@@ -68,15 +67,10 @@ class QualityWidget(QWidget):
 
     def compute(self):
         layer = self.image.value
-        if layer is None:
-            show_info("Open a scan first (File > Open, or File > Open Sample > napari-nca).")
+        chosen = scan_and_model(layer, self.picker)
+        if chosen is None:
             return None
-        try:
-            volume = volume_from_layer(layer)
-            model = self.picker.current_model()
-        except Exception as exc:  # shown, with its type when it is not an input error
-            notify_error(exc)
-            return None
+        volume, model = chosen
         done = partial(self._show_report, layer.name, volume)
         return run_worker(self.progress, quality_iter, model, volume, int(self.runs.value),
                           seed=int(self.seed.value), on_return=done, text="running the model repeatedly…")

@@ -20,8 +20,8 @@ from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QVBoxLayout, Q
 
 from mednca.inference import Progress, record_growth, segment_iter
 
-from .._layers import layer_kwargs, scan_layers, show_slices_along, volume_from_layer
-from ._common import ModelPicker, ProgressPanel, notify_error, run_worker
+from .._layers import layer_kwargs, scan_layers, show_slices_along
+from ._common import ModelPicker, ProgressPanel, notify_error, run_worker, scan_and_model
 
 GROWTH_KEY = "mednca_growth"
 GROWTH_BUDGET = 2 * 1024**3  # bytes of growth frames kept for a whole volume
@@ -101,15 +101,10 @@ class SegmentWidget(QWidget):
     def _inputs(self):
         """(layer, volume, model, engine options) from the form; notifies and returns None on bad input."""
         layer = self.image.value
-        if layer is None:
-            show_info("Open a scan first (File > Open, or File > Open Sample > napari-nca).")
+        chosen = scan_and_model(layer, self.picker)
+        if chosen is None:
             return None
-        try:
-            volume = volume_from_layer(layer)
-            model = self.picker.current_model()
-        except Exception as exc:  # shown, with its type when it is not an input error
-            notify_error(exc)
-            return None
+        volume, model = chosen
         # the model's own steps (which may differ per level) unless the user changed the number
         steps = None if self.steps.value == model.config.steps[0] else (int(self.steps.value),) * model.config.levels
         options = {
