@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from mednca.checkpoint import import_reference
-from mednca.data import split_cases
+from mednca.data import data_pairs, split_cases
 from mednca.errors import CheckpointError
-from mednca.evaluation import EvaluationReport, data_pairs, evaluate_iter
+from mednca.evaluation import EvaluationReport, evaluate_iter
 from mednca.registry import load_model
 
 REPO = Path(__file__).resolve().parents[1]

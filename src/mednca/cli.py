@@ -16,8 +16,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .checkpoint import read_metadata, save_model
+from .data import data_pairs
 from .errors import MedNCAError
-from .evaluation import data_pairs, evaluate_iter, select_cases
+from .evaluation import evaluate_iter, select_cases
 from .inference import quality_iter, segment_iter, torch_threads
 from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve

@@ -86,16 +86,35 @@ def decathlon_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
 
 def load_cases(data: str | os.PathLike | Sequence[Pair]) -> list[Case]:
     """Read a Decathlon folder, or a list of (image, label) pairs given as Volumes or paths."""
-    pairs = decathlon_pairs(data) if isinstance(data, str | os.PathLike) else list(data)
-    if not pairs:
-        raise MedNCAError("no training cases given")
     cases = []
+    for cid, image, label in data_pairs(data):
+        image, label = (p if isinstance(p, Volume) else read_volume(p) for p in (image, label))
+        cases.append(Case(cid, image_array(image), check_labels(label, image)))
+    return cases
+
+
+def data_pairs(data) -> list[tuple[str, Volume | Path, Volume | Path]]:
+    """``(case id, image, label)`` for a Decathlon folder or a list of pairs; nothing is read yet."""
+    if isinstance(data, str | os.PathLike):
+        folder = Path(data)
+        if not folder.is_dir():
+            raise MedNCAError(f"data folder not found: {folder}")
+        pairs: list = decathlon_pairs(folder)
+    else:
+        pairs = list(data)
+    if not pairs:
+        raise MedNCAError("no labelled cases given")
+    out = []
     for i, pair in enumerate(pairs):
         if len(pair) != 2:
-            raise MedNCAError(f"training case {i} must be an (image, label) pair")
-        image, label = (p if isinstance(p, Volume) else read_volume(p) for p in pair)
-        cases.append(Case(case_id(image, i), image_array(image), check_labels(label, image)))
-    return cases
+            raise MedNCAError(f"case {i} must be an (image, label) pair")
+        image, label = (p if isinstance(p, Volume) else Path(p) for p in pair)
+        out.append((case_id(image, i), image, label))
+    ids = [c for c, _, _ in out]
+    if len(set(ids)) != len(ids):
+        dup = sorted({c for c in ids if ids.count(c) > 1})
+        raise MedNCAError(f"several cases share the id(s) {dup}; case ids come from the image file names")
+    return out
 
 
 def case_id(image: Volume | str | os.PathLike, index: int) -> str:

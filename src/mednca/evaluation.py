@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import case_id, decathlon_pairs
+from .data import data_pairs
 from .errors import MedNCAError
 from .inference import quality_iter, segment_iter
 from .model import MedNCA
@@ -284,30 +284,6 @@ def _as_case_progress(work: Generator, done: int, total: int, case: str) -> Gene
         except StopIteration as stop:
             return stop.value
         yield Progress(done, total, case)
-
-
-def data_pairs(data) -> list[tuple[str, Volume | Path, Volume | Path]]:
-    """``(case id, image, label)`` for a Decathlon folder or a list of pairs; nothing is read yet."""
-    if isinstance(data, str | os.PathLike):
-        folder = Path(data)
-        if not folder.is_dir():
-            raise MedNCAError(f"data folder not found: {folder}")
-        pairs: list = decathlon_pairs(folder)
-    else:
-        pairs = list(data)
-    if not pairs:
-        raise MedNCAError("no labelled cases given")
-    out = []
-    for i, pair in enumerate(pairs):
-        if len(pair) != 2:
-            raise MedNCAError(f"case {i} must be an (image, label) pair")
-        image, label = (p if isinstance(p, Volume) else Path(p) for p in pair)
-        out.append((case_id(image, i), image, label))
-    ids = [c for c, _, _ in out]
-    if len(set(ids)) != len(ids):
-        dup = sorted({c for c in ids if ids.count(c) > 1})
-        raise MedNCAError(f"several cases share the id(s) {dup}; case ids come from the image file names")
-    return out
 
 
 def select_cases(model: MedNCA, pairs: list, cases: str | Sequence[str] | None) -> list:
