@@ -73,36 +73,13 @@ def save_model(model: MedNCA, path: str | os.PathLike) -> Path:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The metadata of a model file, without loading its weights (for listings)."""
-    path = _existing(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(FORMAT)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name} is not a readable .safetensors model file ({e})") from None
-    if raw is None:
-        raise CheckpointError(f"{path.name} is a safetensors file but not a Med-NCA model (no '{FORMAT}' metadata)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path.name}: the model metadata is damaged ({e})") from None
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
-        raise CheckpointError(f"{path.name} is not a Med-NCA model file")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path.name} was written by a newer napari-nca (format {meta['format_version']}); please upgrade"
-        )
-    return meta
+    return _read(_existing(path), weights=False)[0]
 
 
 def load_model_file(path: str | os.PathLike) -> MedNCA:
     """Load a ``.safetensors`` model, checking its architecture, weights and checksum."""
     path = _existing(path)
-    meta = read_metadata(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name}: the weights cannot be read ({e})") from None
+    meta, tensors = _read(path, weights=True)
     if weights_digest(tensors) != meta.get("sha256"):
         raise CheckpointError(f"{path.name}: the weights do not match their checksum; the file was altered or damaged")
     try:
@@ -113,6 +90,35 @@ def load_model_file(path: str | os.PathLike) -> MedNCA:
     model = MedNCA(config, preprocessing=prep, provenance=meta.get("provenance", {}))
     _load_state(model, tensors, path.name)
     return model.eval()
+
+
+def _read(path: Path, weights: bool) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """The checked metadata of a model file and, with ``weights``, its tensors, in one opening."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(FORMAT)
+            meta = _parse_metadata(raw, path.name)
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if weights else None  # noqa: SIM118
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name} is not a readable .safetensors model file ({e})") from None
+    return meta, tensors
+
+
+def _parse_metadata(raw: str | None, name: str) -> dict:
+    if raw is None:
+        raise CheckpointError(f"{name} is a safetensors file but not a Med-NCA model (no '{FORMAT}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{name}: the model metadata is damaged ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+        raise CheckpointError(f"{name} is not a Med-NCA model file")
+    if meta["format_version"] > FORMAT_VERSION:
+        version = meta["format_version"]
+        raise CheckpointError(f"{name} was written by a newer napari-nca (format {version}); please upgrade")
+    return meta
 
 
 def import_reference(directory: str | os.PathLike) -> MedNCA:
