@@ -38,3 +38,12 @@ def reference_model(reference_dir):
     from mednca.checkpoint import import_reference
 
     return import_reference(reference_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine is shared."""
+    from mednca.inference import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -28,6 +28,7 @@ from mednca.evaluation import (
 )
 from mednca.inference import quality_map, segment
 from mednca.model import MedNCA, NCAConfig
+from mednca.progress import run_to_end
 from mednca.training import TrainEvent
 from mednca.volume import read_volume
 
@@ -177,13 +178,7 @@ def test_json_writes_null_for_undefined_statistics(tmp_path):
 
 def test_evaluation_scores_what_inference_produces(tiny_model, toy_dir):
     progress = []
-    gen = evaluate_iter(tiny_model, toy_dir, seed=3)
-    while True:
-        try:
-            progress.append(next(gen))
-        except StopIteration as stop:
-            report = stop.value
-            break
+    report = run_to_end(evaluate_iter(tiny_model, toy_dir, seed=3), progress.append)
     assert [r.case for r in report.rows] == list(CASES)
     assert progress[-1].done == progress[-1].total == 3
     assert [p.done for p in progress] == sorted(p.done for p in progress)

@@ -15,6 +15,7 @@ from mednca.inference import (
     segment_iter,
 )
 from mednca.model import MedNCA, NCAConfig
+from mednca.progress import run_to_end
 from mednca.volume import Volume
 
 
@@ -56,14 +57,8 @@ def test_same_seed_same_result_and_other_seed_differs(tiny_model, volume):
 
 
 def test_progress_counts_up_to_the_number_of_slices(tiny_model, volume):
-    gen = segment_iter(tiny_model, volume, axis=1)
     done = []
-    while True:
-        try:
-            done.append(next(gen))
-        except StopIteration as stop:
-            result = stop.value
-            break
+    result = run_to_end(segment_iter(tiny_model, volume, axis=1), done.append)
     assert [p.done for p in done] == sorted(p.done for p in done)
     assert done[-1].done == done[-1].total == volume.shape[1]
     assert result.axis == 1 and result.labels.shape == volume.shape

@@ -18,6 +18,8 @@ TINY = NCAConfig(channels=8, hidden=16, steps=(4, 4), input_size=(16, 16), outpu
                  class_names=("a", "b"))
 FAST = Recipe(lr=1e-2, warmup=5, crop=8)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def toy_case(seed: int, shape=(20, 20, 6)) -> tuple[Volume, Volume]:
     """A bright square (class 1) beside a dim one (class 2) on noise, at a random place."""
@@ -30,15 +32,6 @@ def toy_case(seed: int, shape=(20, 20, 6)) -> tuple[Volume, Volume]:
     img[lab == 1] += 1.0
     img[lab == 2] += 0.5
     return Volume(img, np.eye(4)), Volume(lab, np.eye(4))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
