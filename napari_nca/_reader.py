@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mednca.errors import VolumeError
-from mednca.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, check_labels, read_volume
+from mednca.volume import DICOM_SUFFIX, ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, check_labels, is_dicom_file, read_volume
 
 from ._layers import layer_kwargs
 
@@ -26,7 +26,7 @@ DICOM_PROBE = 20  # files looked at when deciding whether a folder holds DICOM
 
 
 def get_reader(path: str | os.PathLike | list):
-    """The reader for ``path`` (a scan file, a DICOM series folder, or a list of them), or None when
+    """The reader for ``path`` (a scan file, a DICOM series folder or one of its files, or a list of them), or None when
     napari-nca does not read it, so that napari can try other plugins."""
     paths = path if isinstance(path, list | tuple) else [path]
     if not paths or not all(_readable(Path(p)) for p in paths):
@@ -74,6 +74,8 @@ def _few_values(array: np.ndarray) -> bool:
 
 
 def _layer_name(path: Path) -> str:
+    if path.is_file() and (path.name.lower().endswith(DICOM_SUFFIX) or is_dicom_file(path)):
+        return path.parent.name  # one file stands for its series, which is named by its folder
     name = path.name
     for suffix in SUFFIXES:
         if name.lower().endswith(suffix):
@@ -84,21 +86,13 @@ def _layer_name(path: Path) -> str:
 def _readable(path: Path) -> bool:
     if path.is_dir():
         return _holds_dicom(path)
-    return path.name.lower().endswith(SUFFIXES)
+    return path.name.lower().endswith((*SUFFIXES, DICOM_SUFFIX)) or is_dicom_file(path)
 
 
 def _holds_dicom(folder: Path) -> bool:
-    """True when one of the first files of the folder is DICOM: the 'DICM' tag after the 128-byte preamble."""
+    """True when one of the first files of the folder is DICOM."""
     try:
         files = [f for f in sorted(folder.iterdir())[: DICOM_PROBE * 5] if f.is_file()][:DICOM_PROBE]
     except OSError:
         return False
-    for f in files:
-        try:
-            with open(f, "rb") as handle:
-                handle.seek(128)
-                if handle.read(4) == b"DICM":
-                    return True
-        except OSError:
-            continue
-    return False
+    return any(is_dicom_file(f) for f in files)

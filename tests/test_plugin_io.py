@@ -90,6 +90,15 @@ def test_dicom_series_folder_opens_with_its_spacing(tmp_path):
     np.testing.assert_allclose(kwargs["scale"], (0.8, 0.9, 3.0), rtol=1e-5)
 
 
+def test_one_dicom_file_opens_its_series_named_by_its_folder(tmp_path):
+    from test_volume_io import write_dicom_series
+
+    data = write_dicom_series(tmp_path / "series")
+    [(array, kwargs, _)] = _layers(tmp_path / "series" / "slice000.dcm")
+    assert kwargs["name"] == "series"
+    np.testing.assert_array_equal(array, data.transpose())
+
+
 def test_folder_that_looks_like_dicom_is_accepted_and_reports_damage(tmp_path):
     series = tmp_path / "series"
     series.mkdir()
@@ -159,6 +168,15 @@ def test_manifest_is_valid_and_every_command_resolves():
     for command in manifest.contributions.commands:
         module, attribute = command.python_name.split(":")
         assert hasattr(import_module(module), attribute), command.python_name
+
+
+@pytest.mark.parametrize("name", ["scan.nii.gz", "SCAN.NII.GZ", "Scan.nrrd", "IM0001.DCM", "series/slice.dcm"])
+def test_napari_offers_the_reader_for_scan_files_in_either_case(name):
+    npe2 = pytest.importorskip("npe2")
+    manager = npe2.PluginManager()
+    manager.register(npe2.PluginManifest.from_file(REPO / "napari_nca" / "napari.yaml"))
+    assert [r.command for r in manager.iter_compatible_readers([name])] == ["napari-nca.get_reader"]
+    assert not list(manager.iter_compatible_readers(["photo.tif"]))
 
 
 def test_engine_imports_no_gui_code():

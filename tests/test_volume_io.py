@@ -227,3 +227,11 @@ def test_reads_a_decathlon_case_with_its_labels(hippocampus_dir):
     assert np.issubdtype(labels.array.dtype, np.integer)
     assert set(np.unique(labels.array)) == {0, 1, 2}
     np.testing.assert_allclose(image.affine, labels.affine, atol=1e-4)
+
+
+def test_one_dicom_file_reads_its_whole_series(tmp_path):
+    data = write_dicom_series(tmp_path / "series")
+    volume = read_volume(tmp_path / "series" / "slice002.dcm")
+    assert volume.shape == (6, 7, 5)
+    np.testing.assert_array_equal(volume.array, data.transpose())
+    assert all(f.suffix == ".dcm" for f in volume.derived_from) and len(volume.derived_from) == 5

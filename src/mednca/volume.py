@@ -32,7 +32,11 @@ from .errors import VolumeError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-READABLE = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
+DICOM_SUFFIX = ".dcm"
+READABLE = (
+    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), or DICOM (a series folder or any .dcm"
+    " file of the series)"
+)
 LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS: ITK's world has x and y pointing the other way
 SCANNER = 1  # NIfTI xform code: coordinates of the scanner
 
@@ -106,6 +110,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
         return _read_nifti(path)
     if name.endswith(ITK_SUFFIXES):
         return _read_itk(path)
+    if name.endswith(DICOM_SUFFIX) or is_dicom_file(path):
+        return _read_dicom_series_of(path)
     raise VolumeError(f"{path.name}: unsupported file type; napari-nca reads {READABLE}")
 
 
@@ -214,19 +220,50 @@ def _read_itk(path: Path) -> Volume:
     return _from_itk(image, path, _data_files(path))
 
 
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` is a DICOM file: the 'DICM' tag after the 128-byte preamble (DICOM files often
+    have no extension at all)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_dicom_folder(folder: Path) -> Volume:
     """The series with the most slices in the folder (a localiser series beside the scan is common)."""
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise VolumeError(f"{folder} is a folder without a DICOM series; give a scan file or a DICOM folder")
     files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    return _read_dicom_files(files, folder)
+
+
+def _read_dicom_series_of(path: Path) -> Volume:
+    """The whole series one DICOM file belongs to (its Series Instance UID, among the files of its folder):
+    a user who drops one slice of a scan means the scan."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise VolumeError(f"{path.name}: not a readable DICOM file ({_itk_reason(e)})") from None
+    uid = reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), uid) if uid else ()
+    if str(path.resolve()) not in {str(Path(f).resolve()) for f in files}:
+        files = (str(path),)  # a file without a series UID, or one GDCM does not group: the file alone
+    return _read_dicom_files(files, path)
+
+
+def _read_dicom_files(files, source: Path) -> Volume:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(list(files))
     try:
         image = reader.Execute()
     except RuntimeError as e:
-        raise VolumeError(f"the DICOM series in {folder} cannot be read ({_itk_reason(e)})") from None
-    return _from_itk(image, folder, [Path(f) for f in files])
+        raise VolumeError(f"the DICOM series in {source} cannot be read ({_itk_reason(e)})") from None
+    return _from_itk(image, source, [Path(f) for f in files])
 
 
 def _from_itk(image: sitk.Image, path: Path, data_files: list[Path]) -> Volume:
