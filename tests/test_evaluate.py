@@ -279,8 +279,21 @@ def test_cli_train_writes_a_model_that_evaluates_on_its_validation_cases(tiny_mo
     assert main(args) == 1
     assert "--resume" in capsys.readouterr().err
     args[args.index("3")] = "5"
+    assert main([*args, "--resume", "--crop", "4"]) == 1  # resuming must keep the recipe
+    assert "different training setup" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
     assert load_model_file(tmp_path / "again.safetensors").provenance["iterations"] == 5
+
+
+def test_cli_train_recipe_options_reach_the_model(tiny_model, toy_dir, tmp_path, capsys):
+    tiny = save_model(tiny_model, tmp_path / "tiny.safetensors")
+    base = ["train", str(toy_dir), "--init", str(tiny), "--iterations", "2", "--batch-size", "2"]
+    assert main([*base, "-o", str(tmp_path / "a.safetensors"), "--crop", "4", "--no-augment"]) == 0
+    recipe = load_model_file(tmp_path / "a.safetensors").provenance["recipe"]
+    assert recipe["crop"] == 4 and recipe["augment"] is False
+    assert main([*base, "-o", str(tmp_path / "b.safetensors"), "--crop", "999"]) == 1
+    assert "crop must be 1 to" in capsys.readouterr().err
+    assert not (tmp_path / "b.safetensors").exists()
 
 
 def test_ctrl_c_during_training_writes_no_model_and_says_how_to_resume(toy_dir, tmp_path, capsys, monkeypatch):
@@ -290,11 +303,13 @@ def test_ctrl_c_during_training_writes_no_model_and_says_how_to_resume(toy_dir, 
 
     monkeypatch.setattr(cli, "train_iter", interrupted)
     out = tmp_path / "m.safetensors"
-    assert main(["train", str(toy_dir), "-o", str(out), "--iterations", "10", "--seed", "4"]) == 130
+    args = ["train", str(toy_dir), "-o", str(out), "--iterations", "10", "--seed", "4", "--crop", "8", "--no-augment"]
+    assert main(args) == 130
     err = capsys.readouterr().err
     assert not out.exists()
     assert "interrupted at iteration 2" in err and "holds iteration 2" in err
     assert f"--checkpoint {out.with_suffix('.ckpt')} --resume --iterations 10" in err and "--seed 4" in err
+    assert "--crop 8" in err and "--no-augment" in err  # else the checkpoint's setup would be refused
 
 
 def test_training_names_the_classes_as_dataset_json_does(toy_dir, tmp_path):

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -22,7 +23,7 @@ from .evaluation import evaluate_iter, select_cases
 from .inference import quality_iter, segment_iter, torch_threads
 from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve
-from .training import AUTHORS_RECIPE, train_iter
+from .training import AUTHORS_RECIPE, Recipe, train_iter
 from .volume import read_volume, write_volume
 
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, metavar="MODEL", help="start from this model's weights and architecture")
     p.add_argument("--authors-recipe", action="store_true",
                    help="the Med-NCA authors' plain recipe (no augmentation, exponential decay)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="side of the fine-level training window (default: the recipe's, 16); larger sees more context")
+    p.add_argument("--no-augment", action="store_true", help="train on the slices as they are")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
     p.set_defaults(func=cmd_train)
     return parser
@@ -269,8 +273,12 @@ def cmd_train(args) -> int:
     )
     if args.init is not None:
         options["init_model"] = load_model(args.init)
-    if args.authors_recipe:
-        options["recipe"] = AUTHORS_RECIPE
+    recipe = AUTHORS_RECIPE if args.authors_recipe else Recipe()
+    if args.crop is not None:
+        recipe = replace(recipe, crop=args.crop)
+    if args.no_augment:
+        recipe = replace(recipe, augment=False)
+    options["recipe"] = recipe
     data_pairs(args.data)  # a bad folder is reported now, with its reason, not by the training loop
     print(f"reading {args.data} ...", file=sys.stderr)
     gen = train_iter(args.data, **options)
@@ -328,11 +336,10 @@ def _resume_command(args, checkpoint: Path) -> str:
     parts = ["mednca train", str(args.data), "-o", str(args.output), "--checkpoint", str(checkpoint), "--resume",
              "--iterations", str(args.iterations), "--batch-size", str(args.batch_size),
              "--val-fraction", str(args.val_fraction), "--seed", str(args.seed)]
-    for flag, value in (("--lr", args.lr), ("--init", args.init), ("--best", args.best)):
+    for flag, value in (("--lr", args.lr), ("--init", args.init), ("--best", args.best), ("--crop", args.crop)):
         if value is not None:
             parts += [flag, str(value)]
-    if args.authors_recipe:
-        parts.append("--authors-recipe")
+    parts += [flag for flag, on in (("--authors-recipe", args.authors_recipe), ("--no-augment", args.no_augment)) if on]
     return " ".join(parts)
 
 

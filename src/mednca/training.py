@@ -296,6 +296,8 @@ def train_iter(
         recipe = Recipe(**{**asdict(recipe), "lr": lr})
     if init_model is not None:
         config, preprocessing = init_model.config, init_model.preprocessing
+    if not 1 <= recipe.crop <= min(config.input_size):
+        raise MedNCAError(f"the training crop must be 1 to {min(config.input_size)} pixels, not {recipe.crop}")
     prep = preprocessing or Preprocessing()
     slices = _prepare_data(data, config, prep)
     train_cases, val_cases = split_cases(len(slices.case_ids), val_fraction, seed)
