@@ -4,10 +4,11 @@
    load from other processes hits both alike.
 2. Validation Dice (model space, whole hippocampus) after the same short run of each recipe, same seed,
    same data, same batch size.
-3. From a training log of ``benchmarks/train_hippocampus.py``: training time until the validation Dice
-   first reached each target. Only this part runs when SHORT_ITERATIONS is 0.
+3. From training logs of ``benchmarks/train_hippocampus.py``: training time until the validation Dice
+   first reached each target. Several logs are stages of one model (the second started from the first's
+   result), so their times and iterations add up. Only this part runs when SHORT_ITERATIONS is 0.
 
-    python benchmarks/training.py DATA_DIR [SHORT_ITERATIONS] [TRAINING_LOG]
+    python benchmarks/training.py DATA_DIR [SHORT_ITERATIONS] [TRAINING_LOG ...]
 """
 
 from __future__ import annotations
@@ -51,23 +52,27 @@ def short_runs(slices, iterations: int, batch_size: int) -> dict[str, dict]:
     return out
 
 
-def time_to_target(log_path: str, target: float) -> str:
-    """Training time (the seconds the log's step lines carry, restarts excluded) until the validation Dice
-    first reached ``target``."""
-    seconds = 0
-    for line in open(log_path):
-        step = re.search(r" it \d+/\d+ loss [0-9.]+ (\d+)s", line)
-        seconds = int(step[1]) if step else seconds
-        hit = re.search(r" it (\d+) validation Dice .* whole ([0-9.]+)", line)
-        if hit and float(hit[2]) >= target:
-            return f"whole Dice {float(hit[2]):.4f} >= {target} at iteration {hit[1]}, after {seconds / 60:.0f} min"
-    return f"whole Dice never reached {target}"
+def time_to_target(log_paths: list[str], target: float) -> str:
+    """Training time (the seconds the logs' step lines carry, restarts excluded, stages added up) until the
+    validation Dice first reached ``target``."""
+    seconds = iterations = 0
+    for stage, log_path in enumerate(log_paths, 1):
+        offset_s, offset_it = seconds, iterations
+        for line in open(log_path):
+            step = re.search(r" it (\d+)/\d+ loss [0-9.]+ (\d+)s", line)
+            if step:
+                iterations, seconds = offset_it + int(step[1]), offset_s + int(step[2])
+            hit = re.search(r" it (\d+) validation Dice .* whole ([0-9.]+)", line)
+            if hit and float(hit[2]) >= target:
+                return (f"whole Dice {float(hit[2]):.4f} >= {target} at iteration {offset_it + int(hit[1])} "
+                        f"(stage {stage}), after {seconds / 60:.0f} min")
+    return f"whole Dice never reached {target} (in {iterations} iterations, {seconds / 60:.0f} min)"
 
 
-def main(data: str, iterations: int = 300, log_path: str | None = None) -> None:
+def main(data: str, iterations: int = 300, *log_paths: str) -> None:
     torch.set_num_threads(1)
     if iterations == 0:
-        return report_log(log_path)
+        return report_log(log_paths)
     slices = build_slices(load_cases(data), HIPPOCAMPUS, Preprocessing())
     train_cases, _ = split_cases(len(slices.case_ids), 0.1, 0)
     train = slices.subset(train_cases)
@@ -82,15 +87,15 @@ def main(data: str, iterations: int = 300, log_path: str | None = None) -> None:
         d = r["dice"]
         print(f"{name:10s} whole {d['whole']:.3f} anterior {d['anterior']:.3f} posterior {d['posterior']:.3f}"
               f"   ({r['seconds']:.0f} s)")
-    if log_path:
-        report_log(log_path)
+    if log_paths:
+        report_log(log_paths)
 
 
-def report_log(log_path: str) -> None:
-    print(f"\ntraining time to a validation Dice (64x64 probe of 96 slices) in {log_path}:")
+def report_log(log_paths: list[str]) -> None:
+    print(f"\ntraining time to a validation Dice (64x64 probe of validation slices) in {', '.join(log_paths)}:")
     for target in TARGETS:
-        print(f"  {time_to_target(log_path, target)}")
+        print(f"  {time_to_target(log_paths, target)}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *(int(a) for a in sys.argv[2:3]), *sys.argv[3:4])
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:3]), *sys.argv[3:])
