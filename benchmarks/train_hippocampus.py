@@ -10,8 +10,8 @@ is segmented at its native resolution and its Dice logged.
 
 The shipped model took two stages (logs in benchmarks/results/): stage 1 from scratch with the default recipe,
     python benchmarks/train_hippocampus.py DATA OUT1 10500
-and stage 2 from stage 1's best model, on 32x32 windows of the fine level without augmentation,
-    python benchmarks/train_hippocampus.py DATA OUT2 15000 --init OUT1/best.safetensors --crop 32 --no-augment \
+and stage 2 from stage 1's final weights, on 32x32 windows of the fine level without augmentation,
+    python benchmarks/train_hippocampus.py DATA OUT2 17000 --init OUT1/final.safetensors --crop 32 --no-augment \
         --lr 1e-3 --eval-every 1000 --eval-slices 256
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mednca.checkpoint import load_model_file
+from mednca.checkpoint import load_model_file, save_model
 from mednca.data import load_cases
 from mednca.registry import load_model
 from mednca.training import HIPPOCAMPUS, Recipe, native_dice, train_iter
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"it {ev.iteration} validation Dice (64x64, {args.eval_slices} slices) {fmt(ev.val_dice)}")
     except StopIteration as stop:
         model = stop.value
-    log(f"done; validation cases: {model.provenance['validation_cases']}")
+    save_model(model, out / "final.safetensors")
+    log(f"done; final weights in {out / 'final.safetensors'}; validation cases: {model.provenance['validation_cases']}")
     best = load_model_file(out / "best.safetensors")
     dice = best.provenance.get("validation_dice_model_space")
     log(f"best model: {best.provenance.get('iterations')} iterations, {dice}")
