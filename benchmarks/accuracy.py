@@ -1,15 +1,16 @@
-"""Accuracy of the shipped hippocampus model beside the Med-NCA authors' model, on cases ours never saw.
+"""Accuracy of the shipped hippocampus models beside the Med-NCA authors' model, on cases ours never saw.
 
-    python benchmarks/accuracy.py [--limit K] [--quality 10] [--shared ../shared] [--threads 1]
+    python benchmarks/accuracy.py [--models hippocampus hippocampus_msd] [--limit K] [--quality 10]
+                                  [--shared ../shared] [--threads 1]
 
-Both models segment the shipped model's validation cases (recorded in its provenance) at native resolution
+All models segment our models' validation cases (recorded in their provenance) at native resolution
 with a quality map of ``--quality`` stochastic runs; the report gives whole-hippocampus Dice, Dice per class
-(the shipped model separates anterior and posterior; the authors' model has one class), NQM, and how well NQM
+(ours separate anterior and posterior; the authors' model has one class), NQM, and how well NQM
 flags the bad cases (its correlation with Dice: negative is useful). Written to benchmarks/results/accuracy.txt,
 with the per-case reports as JSON beside it.
 
 Caveat printed with the numbers: the authors trained on their own random 70% of MSD Task04, so some of these
-cases were probably in their training set, which favours their model. Until the shipped model exists, the
+cases were probably in their training set, which favours their model. Until a model of ours exists, the
 validation cases are those its training script holds out (val_fraction 0.1, seed 0 over dataset.json's order).
 """
 
@@ -94,24 +95,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first K validation cases")
     parser.add_argument("--quality", type=int, default=10, help="stochastic runs per case")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="+", default=["hippocampus", "hippocampus_msd"],
+                        help="shipped or user models to compare with the authors' (they share validation cases)")
     args = parser.parse_args(argv)
     data = args.shared / "data" / "hippocampus"
     authors = import_reference(args.shared / "reference" / "mednca_hippocampus")
-    try:
-        shipped = load_model("hippocampus")
-        cases, origin = list(shipped.provenance["validation_cases"]), "recorded in the shipped model"
-    except CheckpointError:
-        shipped = None
+    ours = {}
+    for name in args.models:
+        try:
+            ours[name] = load_model(name)
+        except CheckpointError as e:
+            print(f"{name}: not evaluated ({e})", file=sys.stderr)
+    if ours:
+        recorded = {tuple(m.provenance["validation_cases"]) for m in ours.values()}
+        if len(recorded) > 1:
+            raise SystemExit("the models were validated on different cases; compare them one at a time")
+        cases, origin = list(recorded.pop()), "recorded in the models"
+    else:
         ids = [case for case, _, _ in data_pairs(data)]
         cases = [ids[i] for i in split_cases(len(ids), 0.1, 0)[1]]
-        origin = "held out by benchmarks/train_hippocampus.py (shipped model not built yet)"
+        origin = "held out by benchmarks/train_hippocampus.py (no model of ours built yet)"
     cases = cases[: args.limit]
 
-    models = {"shipped (mednca)": shipped, "authors (Med-NCA)": authors}
-    reports = {}
-    for name, model in models.items():
-        if model is not None:
-            reports[name] = run(name, model, data, cases, args.quality, args.threads)
+    models = {**{f"{name} (mednca)": m for name, m in ours.items()}, "authors (Med-NCA)": authors}
+    reports = {name: run(name, model, data, cases, args.quality, args.threads) for name, model in models.items()}
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads available, torch {torch.__version__}"
@@ -130,11 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         "Caveat: the authors trained on their own random 70% of MSD Task04; some of these cases were probably",
         "in their training set, which favours their model in this comparison.",
     ]
-    if shipped is None:
-        lines.append("The shipped model (src/mednca/models/hippocampus.safetensors) is not built yet.")
-    else:
-        prov = shipped.provenance
-        lines.append(f"Shipped model: {prov.get('iterations')} iterations, {prov.get('train_seconds')} s of training.")
+    for name, model in ours.items():
+        prov = model.provenance
+        lines.append(f"{name}: {prov.get('iterations')} iterations, {prov.get('train_seconds')} s of training.")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
