@@ -124,3 +124,19 @@ def test_import_of_a_foreign_checkpoint_names_the_problem(reference_dir, tmp_pat
     (folder / "config.dt").write_text("not json")
     with pytest.raises(CheckpointError, match="config.dt"):
         import_reference(folder)
+
+
+def test_every_shipped_model_loads_offline_with_what_a_user_needs_to_know():
+    from mednca.registry import DEFAULT_MODEL, list_models, load_model
+
+    shipped = {entry.name: entry for entry in list_models() if entry.source == "shipped"}
+    assert {DEFAULT_MODEL, "hippocampus_msd"} <= set(shipped)
+    held_out = set()
+    for name in shipped:
+        model = load_model(name)  # verifies the weights against their recorded digest
+        assert model.config.class_names == ("anterior", "posterior")
+        assert sum(p.numel() for p in model.parameters()) <= 70_016
+        prov = model.provenance
+        assert "CC-BY-SA" in prov["licence_of_weights_data"] and prov["validation_dice_native"]["whole"] > 0.85
+        held_out.add(tuple(prov["validation_cases"]))
+    assert len(held_out) == 1  # both were validated on the same cases, so their scores compare
