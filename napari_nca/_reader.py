@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mednca.errors import VolumeError
-from mednca.volume import DICOM_SUFFIX, ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, check_labels, is_dicom_file, read_volume
+from mednca.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, check_labels, is_dicom_file, read_volume
 
 from ._layers import layer_kwargs
 
@@ -74,7 +74,7 @@ def _few_values(array: np.ndarray) -> bool:
 
 
 def _layer_name(path: Path) -> str:
-    if path.is_file() and (path.name.lower().endswith(DICOM_SUFFIX) or is_dicom_file(path)):
+    if path.is_file() and is_dicom_file(path):
         return path.parent.name  # one file stands for its series, which is named by its folder
     name = path.name
     for suffix in SUFFIXES:
@@ -86,11 +86,11 @@ def _layer_name(path: Path) -> str:
 def _readable(path: Path) -> bool:
     if path.is_dir():
         return _holds_dicom(path)
-    return path.name.lower().endswith((*SUFFIXES, DICOM_SUFFIX)) or is_dicom_file(path)
+    return path.name.lower().endswith(SUFFIXES) or is_dicom_file(path)
 
 
 def _holds_dicom(folder: Path) -> bool:
-    """True when one of the first files of the folder is DICOM."""
+    """True when one of the first files of the folder is DICOM (by name or by content)."""
     try:
         files = [f for f in sorted(folder.iterdir())[: DICOM_PROBE * 5] if f.is_file()][:DICOM_PROBE]
     except OSError:

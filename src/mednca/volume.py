@@ -110,7 +110,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
         return _read_nifti(path)
     if name.endswith(ITK_SUFFIXES):
         return _read_itk(path)
-    if name.endswith(DICOM_SUFFIX) or is_dicom_file(path):
+    if is_dicom_file(path):
         return _read_dicom_series_of(path)
     raise VolumeError(f"{path.name}: unsupported file type; napari-nca reads {READABLE}")
 
@@ -221,8 +221,10 @@ def _read_itk(path: Path) -> Volume:
 
 
 def is_dicom_file(path: Path) -> bool:
-    """True when ``path`` is a DICOM file: the 'DICM' tag after the 128-byte preamble (DICOM files often
-    have no extension at all)."""
+    """True when ``path`` is named ``.dcm`` or carries the 'DICM' tag after the 128-byte preamble (DICOM files
+    often have no extension, and old ones no preamble)."""
+    if path.name.lower().endswith(DICOM_SUFFIX):
+        return True
     try:
         with open(path, "rb") as handle:
             handle.seek(128)
