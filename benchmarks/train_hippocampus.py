@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe()
-    for field, value in (("crop", args.crop), ("lr", args.lr), ("augment", False if args.no_augment else None)):
-        recipe = recipe if value is None else replace(recipe, **{field: value})
+    changes = {"crop": args.crop, "lr": args.lr, "augment": False if args.no_augment else None}
+    recipe = replace(Recipe(), **{k: v for k, v in changes.items() if v is not None})
     init = None if args.init is None else load_model(args.init)
     log(f"data {args.data}; recipe {recipe}; iterations {args.iterations}; batch 16; torch threads {args.threads}; "
         f"init {args.init}")
