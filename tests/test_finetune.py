@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_training import TINY, same, toy_case, weights
+from training_support import TINY, same, toy_case, weights
 
 from mednca.errors import MedNCAError, VolumeError
 from mednca.model import MedNCA

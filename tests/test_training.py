@@ -6,45 +6,22 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from training_support import TINY, same, toy_case, weights
 
 from mednca.data import build_slices, load_cases, split_cases
 from mednca.errors import MedNCAError
-from mednca.model import MedNCA, NCAConfig
+from mednca.model import MedNCA
 from mednca.training import Recipe, train, train_iter
-from mednca.volume import Volume, write_volume
+from mednca.volume import write_volume
 
-TINY = NCAConfig(channels=8, hidden=16, steps=(4, 4), input_size=(16, 16), output_channels=2,
-                 class_names=("a", "b"))
 FAST = Recipe(lr=1e-2, warmup=5, crop=8)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def toy_case(seed: int, shape=(20, 20, 6)) -> tuple[Volume, Volume]:
-    """A bright square (class 1) beside a dim one (class 2) on noise, at a random place."""
-    rng = np.random.default_rng(seed)
-    img = rng.normal(0, 0.1, shape).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    r, c = rng.integers(2, 8, 2)
-    lab[r : r + 8, c : c + 4] = 1
-    lab[r : r + 8, c + 4 : c + 8] = 2
-    img[lab == 1] += 1.0
-    img[lab == 2] += 0.5
-    return Volume(img, np.eye(4)), Volume(lab, np.eye(4))
-
-
 @pytest.fixture(scope="module")
 def toy():
     return [toy_case(s) for s in range(6)]
-
-
-def weights(model: MedNCA) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def run(toy, **kw):
