@@ -61,6 +61,15 @@ def test_cancel_leaves_init_model_untouched(toy):
     assert same(before, weights(init))
 
 
+def test_a_model_trained_from_another_records_its_start_but_not_its_results(toy):
+    init = MedNCA(TINY)
+    init.provenance = {"source": "shipped", "iterations": 500, "validation_dice_native": {"whole": 0.99}}
+    model = train(toy, **_short(init_model=init))
+    assert model.provenance["started_from"] == init.provenance
+    assert "validation_dice_native" not in model.provenance  # that Dice was measured on other weights
+    assert model.provenance["iterations"] == 6
+
+
 def test_resume_continues_where_the_checkpoint_stopped(toy, tmp_path):
     straight = train(toy, **_short(iterations=10))
     ckpt = tmp_path / "state.safetensors"

@@ -282,8 +282,9 @@ def train_iter(
     yet). With ``best_path``, the model with the best validation Dice so far is written there at every eval.
     Evals during training use ``eval_slices`` evenly spaced validation slices (all when None): a full forward
     of every validation slice costs as much as hundreds of training steps.
-    ``init_model`` starts from its weights (a copy: it is never modified). ``provenance`` (e.g. the data and
-    its licence) is added to the model's provenance with the training setup.
+    ``init_model`` starts from its weights (a copy: it is never modified); its provenance is kept whole under
+    ``started_from``. ``provenance`` (e.g. the data and its licence) is added to the model's provenance with
+    the training setup.
     Without ``config``, a Decathlon folder's dataset.json names the classes (its name and licence go into
     the provenance); other data gets the two-class hippocampus architecture.
     """
@@ -309,6 +310,8 @@ def train_iter(
         raise MedNCAError("no training slices: give more cases or a smaller val_fraction")
 
     model = copy.deepcopy(init_model) if init_model is not None else new_model(config, prep, seed)
+    if init_model is not None:  # the start's own results (its Dice, its command) do not describe the new weights
+        model.provenance = {"started_from": copy.deepcopy(init_model.provenance)}
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas)
     gen = torch.Generator().manual_seed(seed)
