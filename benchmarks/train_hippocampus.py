@@ -8,9 +8,12 @@ is segmented at its native resolution and its Dice logged.
     python benchmarks/train_hippocampus.py DATA_DIR OUT_DIR [ITERATIONS] [--init MODEL] [--crop N] [--no-augment]
                                            [--lr LR] [--threads N] [--eval-every N] [--eval-slices N]
 
-The shipped model took two stages (logs in benchmarks/results/): stage 1 from scratch with the default recipe,
+The shipped models took two stages each (logs in benchmarks/results/). Stage 1, from scratch with the default recipe:
     python benchmarks/train_hippocampus.py DATA OUT1 10500
-and stage 2 from stage 1's final weights, on 32x32 windows of the fine level without augmentation,
+then, from stage 1's final weights, `hippocampus` (the default) on 32x32 windows of the fine level with augmentation,
+    python benchmarks/train_hippocampus.py DATA OUT3 8000 --init OUT1/final.safetensors --crop 32 --lr 1e-3 \
+        --eval-every 1000 --eval-slices 256
+and `hippocampus_msd` on 32x32 windows without augmentation,
     python benchmarks/train_hippocampus.py DATA OUT2 17000 --init OUT1/final.safetensors --crop 32 --no-augment \
         --lr 1e-3 --eval-every 1000 --eval-slices 256
 """
