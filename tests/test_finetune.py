@@ -8,6 +8,7 @@ from training_support import TINY, same, toy_case, weights
 
 from mednca.errors import MedNCAError, VolumeError
 from mednca.model import MedNCA
+from mednca.registry import ModelEntry
 from mednca.training import finetune, finetune_iter, new_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,3 +56,16 @@ def test_labels_must_fit_the_volume_and_the_model(model):
         finetune(model, image, np.zeros_like(labels.array), iterations=1)
     with pytest.raises(MedNCAError, match="outside the volume"):
         finetune(model, image, labels, slices=[99], iterations=1)
+
+
+def test_a_fine_tuned_model_does_not_claim_the_held_out_dice_of_the_model_it_came_from(tmp_path):
+    image, labels = toy_case(5)
+    measured = {"validation_dice_native": {"whole": 0.9, "cases": 21}, "validation_cases": ["case_1"]}
+    base = ModelEntry("base", tmp_path / "base.safetensors", "user", {"provenance": measured})
+    start = MedNCA(TINY)
+    start.provenance = measured
+    tuned, _ = finetune(start, image, labels, slices=[2], iterations=1)
+    entry = ModelEntry("tuned", tmp_path / "tuned.safetensors", "user", {"provenance": tuned.provenance})
+    assert "whole Dice 0.900 on 21 held-out cases" in base.summary
+    assert "Dice" not in entry.summary
+    assert tuned.provenance["validation_cases"] == ["case_1"]  # still evaluated on the cases its base never saw

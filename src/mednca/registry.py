@@ -37,9 +37,9 @@ class ModelEntry:
         classes = ", ".join(arch.get("class_names", []))
         origin = prov.get("source") or prov.get("finetuned_from") or ""
         text = f"{self.name} [{self.source}] classes: {classes}; {origin}".strip()
-        held_out = prov.get("validation_dice_native", {}).get("whole")
-        if held_out is not None and "finetuned_from" not in prov:  # a fine-tuned model's Dice was never measured
-            text += f"; whole Dice {held_out:.3f} on {prov['validation_dice_native'].get('cases', '?')} held-out cases"
+        held_out = prov.get("validation_dice_native", {})
+        if "whole" in held_out:
+            text += f"; whole Dice {held_out['whole']:.3f} on {held_out.get('cases', '?')} held-out cases"
         return text
 
 

@@ -50,6 +50,7 @@ from .progress import run_to_end
 from .volume import Volume, check_labels, image_array
 
 HIPPOCAMPUS = NCAConfig(output_channels=2, class_names=("anterior", "posterior"))
+MEASURED_DICE = ("validation_dice_native", "validation_dice_model_space")  # provenance keys of measured results
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ def train_iter(
 
     model = copy.deepcopy(init_model) if init_model is not None else new_model(config, prep, seed)
     if init_model is not None:  # the start's own results (its Dice, its command) do not describe the new weights
-        model.provenance = {"started_from": copy.deepcopy(init_model.provenance)}
+        model.provenance = {"started_from": model.provenance}
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas)
     gen = torch.Generator().manual_seed(seed)
@@ -511,8 +512,8 @@ def finetune_iter(
         yield TrainEvent(it + 1, iterations, losses[-1], time.perf_counter() - t0, "step")
     tuned.eval()
     after = native_dice(tuned, image, target, seed)
-    tuned.provenance = {
-        **model.provenance,
+    tuned.provenance = {  # the base's held-out Dice was measured on other weights: not carried over
+        **{k: v for k, v in model.provenance.items() if k not in MEASURED_DICE},
         "finetuned_from": {k: model.provenance.get(k) for k in ("source", "iterations", "finetuned_from")},
         "finetune": {"slices": chosen, "axis": axis, "iterations": iterations, "lr": lr, "seed": seed,
                      "source": str(volume.source) if volume.source else None},
