@@ -23,8 +23,10 @@ import numpy as np
 from qtpy.QtWidgets import QApplication
 
 from mednca.datasets import phantom_paths
+from mednca.inference import slice_axis
 from mednca.registry import SHIPPED_DIR
 from mednca.volume import read_volume
+from napari_nca._layers import VOLUME_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
@@ -71,8 +73,8 @@ def segmentation_and_growth(out: Path, scan: Path) -> None:
     widget.with_probabilities.value = True
     widget.segment()
     wait(widget.progress)
-    axis = int(widget.axis.value)
     seg = viewer.layers[f"{image.name} segmentation"]
+    axis = slice_axis(widget.picker.current_model(), seg.metadata[VOLUME_KEY])
     viewer.dims.set_current_step(viewer.dims.ndim - 3 + axis, busiest_slice(seg.data, axis))
     viewer.reset_view()
     viewer.window.screenshot(str(out / "segmentation.png"), canvas_only=False)
@@ -110,7 +112,7 @@ def finetune(out: Path, scan: Path, labels: Path, iterations: int = 40) -> None:
     image = open_scan(viewer, scan)
     truth = read_volume(labels).array
     widget = setup(viewer, "Fine-tune")
-    axis = widget.picker.current_model().preprocessing.axis
+    axis = slice_axis(widget.picker.current_model(), read_volume(scan))
     labelled = np.flatnonzero(truth.any(axis=tuple(a for a in range(3) if a != axis)))
     painted = [int(labelled[len(labelled) // 3]), int(labelled[2 * len(labelled) // 3])]
     annotation = np.zeros_like(truth)

@@ -23,7 +23,7 @@ from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QPushButton, QVBoxLayout, QWidget
 
 from mednca.errors import MedNCAError
-from mednca.inference import segment_iter
+from mednca.inference import segment_iter, slice_axis
 from mednca.registry import save_user_model
 from mednca.training import annotated_slices, finetune_iter
 
@@ -126,11 +126,13 @@ class FinetuneWidget(QWidget):
         self.show_annotated_slices()
 
     def annotated(self) -> tuple[int, list[int]] | None:
-        """(model axis, annotated slice indices) for the current choices, None when a choice is missing."""
-        layer = self.labels.value
-        if layer is None or self.picker.current_path() is None:
+        """(scan axis the model slices, annotated slice indices) for the current choices, None when a choice
+        is missing."""
+        layer, image = self.labels.value, self.image.value
+        if layer is None or image is None or self.picker.current_path() is None:
             return None
-        axis = self.picker.current_model().preprocessing.axis
+        # the scan's geometry decides the slice axis: a freshly painted layer carries none of its own
+        axis = slice_axis(self.picker.current_model(), volume_from_layer(image))
         return axis, annotated_slices(np.asarray(layer.data), axis)
 
     def show_annotated_slices(self, *_):

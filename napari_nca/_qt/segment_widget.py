@@ -19,6 +19,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from mednca.inference import Progress, record_growth, segment_iter
+from mednca.orientation import PLANE_NAMES, axis_codes, axis_of_plane, plane_of
 
 from .._layers import layer_kwargs, scan_layers, show_slices_along
 from ._common import ModelPicker, ProgressPanel, notify_error, run_worker, scan_and_model
@@ -47,7 +48,10 @@ class SegmentWidget(QWidget):
         self.viewer = napari_viewer
         self.picker = ModelPicker()
         self.image = ComboBox(label="image", choices=self._image_layers)
-        self.axis = ComboBox(label="slice axis", choices=[0, 1, 2], value=2)
+        self.axis = ComboBox(label="slice plane", choices=list(PLANE_NAMES), value="axial",
+                             tooltip="The plane the model segments slice by slice; it was trained on one plane "
+                                     "(the model's own is chosen when you pick a model). The scan's orientation "
+                                     "is read from its file, so this is anatomy, not an array axis.")
         self.steps = SpinBox(label="steps per level", min=1, max=500, value=16)
         self.fire_rate = FloatSpinBox(label="fire rate", min=0.0, max=0.95, step=0.05, value=0.5)
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0)
@@ -94,7 +98,7 @@ class SegmentWidget(QWidget):
         except Exception as exc:  # shown, with its type when it is not an input error
             notify_error(exc)
             return
-        self.axis.value = model.preprocessing.axis
+        self.axis.value = plane_of(model.preprocessing.orientation, model.preprocessing.axis)
         self.steps.value = model.config.steps[0]
         self.fire_rate.value = model.config.fire_rate
 
@@ -108,7 +112,7 @@ class SegmentWidget(QWidget):
         # the model's own steps (which may differ per level) unless the user changed the number
         steps = None if self.steps.value == model.config.steps[0] else (int(self.steps.value),) * model.config.levels
         options = {
-            "axis": int(self.axis.value),
+            "axis": axis_of_plane(axis_codes(volume.affine), self.axis.value),
             "seed": int(self.seed.value),
             "steps": steps,
             "fire_rate": float(self.fire_rate.value),

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .errors import MedNCAError
 from .model import NCAConfig
+from .orientation import Reorientation
 from .preprocess import Preprocessing, prepare_slices, rescale_percentiles
 from .volume import Volume, check_labels, image_array, read_volume
 
@@ -33,7 +34,7 @@ class Case:
     """One labelled scan, read and validated."""
 
     case_id: str
-    image: np.ndarray  # float32, as image_array returns it
+    image: np.ndarray  # float32, as image_array returns it, in the orientation it was loaded for
     labels: np.ndarray  # integer class per voxel, same shape
 
 
@@ -84,12 +85,16 @@ def decathlon_pairs(folder: str | os.PathLike) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def load_cases(data: str | os.PathLike | Sequence[Pair]) -> list[Case]:
-    """Read a Decathlon folder, or a list of (image, label) pairs given as Volumes or paths."""
+def load_cases(data: str | os.PathLike | Sequence[Pair], orientation: str = "RAS") -> list[Case]:
+    """Read a Decathlon folder, or a list of (image, label) pairs given as Volumes or paths, each brought to
+    ``orientation`` (the model's axis codes): cases stored in different index orders train one model."""
     cases = []
     for cid, image, label in data_pairs(data):
         image, label = (p if isinstance(p, Volume) else read_volume(p) for p in (image, label))
-        cases.append(Case(cid, image_array(image), check_labels(label, image)))
+        to_model = Reorientation.between(image.affine, orientation).to_model
+        labels = check_labels(label, image)
+        cases.append(Case(cid, np.ascontiguousarray(to_model(image_array(image))),
+                          np.ascontiguousarray(to_model(labels))))
     return cases
 
 
@@ -158,8 +163,9 @@ def _dataset_index(folder: str | os.PathLike) -> dict:
 def case_slices(
     image: np.ndarray, labels: np.ndarray, config: NCAConfig, prep: Preprocessing
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One volume -> model inputs ``[n, 1, h, w]`` and one-hot labels ``[n, K, h, w]`` (uint8), slicing along
-    ``prep.axis``. With one output class, every label > 0 is foreground (the whole structure)."""
+    """One volume in the model's orientation -> model inputs ``[n, 1, h, w]`` and one-hot labels
+    ``[n, K, h, w]`` (uint8), slicing along ``prep.axis``. With one output class, every label > 0 is
+    foreground (the whole structure)."""
     k = config.output_channels
     top = int(labels.max(initial=0))
     if k > 1 and top > k:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .model import MedNCA
+from .orientation import Reorientation
 from .preprocess import prepare_slices, restore_slices
 from .progress import Progress, run_to_end
 from .volume import Volume, image_array
@@ -86,12 +87,43 @@ def slice_generators(seed: int, run: int, slices: Sequence[int]) -> list[torch.G
     return gens
 
 
-def _model_inputs(model: MedNCA, volume: Volume, axis: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """All slices along ``axis``, prepared as the model's metadata says: ``[S, 1, h, w]`` and native size."""
-    if axis not in (0, 1, 2):
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where the model's slices lie in the scan: the reorientation, the slice axis on both sides, and the
+    native size of a slice in the model's orientation."""
+
+    reorientation: Reorientation
+    scan_axis: int
+    model_axis: int
+    native: tuple[int, int]
+
+    def model_index(self, scan_index: int, n: int) -> int:
+        """Slice ``scan_index`` of the scan (``n`` slices) in the model's order; the mapping is its own inverse."""
+        return n - 1 - scan_index if self.reorientation.reversed(self.scan_axis) else scan_index
+
+    def to_scan(self, model_space: np.ndarray) -> np.ndarray:
+        """``[K, S, H, W]`` slices in model space -> ``[K, *scan layout]`` float32, contiguous."""
+        oriented = np.moveaxis(model_space, 1, self.model_axis + 1)
+        return np.ascontiguousarray(self.reorientation.to_scan(oriented), dtype=np.float32)
+
+
+def slice_axis(model: MedNCA, volume: Volume) -> int:
+    """The axis of ``volume``'s array along which ``model`` slices it (its trained plane, e.g. axial)."""
+    reorientation = Reorientation.between(volume.affine, model.preprocessing.orientation)
+    return reorientation.scan_axis(model.preprocessing.axis)
+
+
+def _model_inputs(model: MedNCA, volume: Volume, axis: int | None) -> tuple[torch.Tensor, SliceGeometry]:
+    """All slices of the scan, brought to the model's orientation and prepared as its metadata says:
+    ``[S, 1, h, w]`` in the model's slice order, and the geometry to map results back. ``axis`` is a scan
+    axis; None means the model's own plane."""
+    if axis is not None and axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
-    slices = np.moveaxis(image_array(volume), axis, 0)
     cfg, prep = model.config, model.preprocessing
+    reorientation = Reorientation.between(volume.affine, prep.orientation)
+    scan_axis = reorientation.scan_axis(prep.axis) if axis is None else axis
+    model_axis = reorientation.model_axis(scan_axis)
+    slices = np.moveaxis(reorientation.to_model(image_array(volume)), model_axis, 0)
     if prep.scope == "volume":
         inputs = prepare_slices(torch.from_numpy(np.ascontiguousarray(slices)), cfg.input_size, prep)
     else:  # per-slice statistics: prepare in chunks, so a large scan is never copied whole
@@ -99,7 +131,7 @@ def _model_inputs(model: MedNCA, volume: Volume, axis: int) -> tuple[torch.Tenso
             prepare_slices(torch.from_numpy(np.ascontiguousarray(slices[i : i + 64])), cfg.input_size, prep)
             for i in range(0, len(slices), 64)
         ])
-    return inputs, tuple(slices.shape[1:])
+    return inputs, SliceGeometry(reorientation, scan_axis, model_axis, tuple(slices.shape[1:]))
 
 
 def _outputs(model: MedNCA, state: torch.Tensor) -> torch.Tensor:
@@ -120,11 +152,10 @@ def _run_chunks(model, inputs, items, seed, steps, fire_rate, stage) -> Generato
     return out
 
 
-def _to_native(prob: torch.Tensor, native: tuple[int, int], axis: int) -> np.ndarray:
-    """Model-space ``[S, K, h, w]`` -> ``[K, *volume.shape]`` float32, restored chunk by chunk."""
-    parts = [restore_slices(prob[i : i + 64], native) for i in range(0, prob.shape[0], 64)]
-    native_prob = torch.cat(parts).permute(1, 0, 2, 3).numpy()  # [K, S, H, W]
-    return np.ascontiguousarray(np.moveaxis(native_prob, 1, axis + 1), dtype=np.float32)
+def _to_native(prob: torch.Tensor, geometry: SliceGeometry) -> np.ndarray:
+    """Model-space ``[S, K, h, w]`` -> ``[K, *scan layout]`` float32, restored chunk by chunk."""
+    parts = [restore_slices(prob[i : i + 64], geometry.native) for i in range(0, prob.shape[0], 64)]
+    return geometry.to_scan(torch.cat(parts).permute(1, 0, 2, 3).numpy())  # [K, S, H, W] -> scan layout
 
 
 def labels_from_probabilities(prob: np.ndarray) -> np.ndarray:
@@ -146,19 +177,19 @@ def segment_iter(
     fire_rate: float | None = None,
     threads: int | None = None,
 ) -> Generator[Progress, None, Segmentation]:
-    """Segment ``volume``; yields progress, returns the ``Segmentation``."""
-    axis = model.preprocessing.axis if axis is None else axis
+    """Segment ``volume``; yields progress, returns the ``Segmentation``. ``axis`` (a scan axis) overrides
+    the model's own slice plane."""
     with torch_threads(threads):
-        inputs, native = _model_inputs(model, volume, axis)
+        inputs, geometry = _model_inputs(model, volume, axis)
     items = [(0, s) for s in range(inputs.shape[0])]
     prob = yield from _threaded(_run_chunks(model, inputs, items, seed, steps, fire_rate, "segment"), threads)
     with torch_threads(threads):
-        native_prob = _to_native(prob, native, axis)
+        native_prob = _to_native(prob, geometry)
     return Segmentation(
         labels=volume.like(labels_from_probabilities(native_prob)),
         probabilities=native_prob,
         class_names=model.config.class_names,
-        axis=axis,
+        axis=geometry.scan_axis,
     )
 
 
@@ -177,9 +208,8 @@ def quality_iter(
     """``runs`` stochastic runs of every slice, batched together; yields progress, returns the report."""
     if runs < 2:
         raise ValueError(f"a quality map needs at least 2 runs, got {runs}")
-    axis = model.preprocessing.axis if axis is None else axis
     with torch_threads(threads):
-        inputs, native = _model_inputs(model, volume, axis)
+        inputs, geometry = _model_inputs(model, volume, axis)
     n = inputs.shape[0]
     items = [(r, s) for r in range(runs) for s in range(n)]
     prob = yield from _threaded(_run_chunks(model, inputs, items, seed, steps, fire_rate, "quality"), threads)
@@ -189,11 +219,12 @@ def quality_iter(
     slice_std = std.sum((1, 2, 3)).double()
     # a slice with (almost) nothing predicted and nothing uncertain scores 0, not 0/0
     slice_nqm = torch.where(slice_mass > 1.0, slice_std / slice_mass.clamp(min=1.0), slice_std).numpy()
+    slice_nqm = slice_nqm[[geometry.model_index(i, n) for i in range(n)]]  # in the scan's slice order
     total = float(mean.sum())
     nqm = float(std.sum()) / total if total > 0 else 0.0
     with torch_threads(threads):
-        native_mean = _to_native(mean, native, axis)
-        native_std = _to_native(std, native, axis)
+        native_mean = _to_native(mean, geometry)
+        native_std = _to_native(std, geometry)
     flagged = [int(i) for i in np.argsort(-slice_nqm, kind="stable") if slice_nqm[i] > nqm_threshold]
     return QualityReport(
         mean=native_mean,
@@ -202,7 +233,7 @@ def quality_iter(
         nqm=nqm,
         slice_nqm=slice_nqm,
         flagged_slices=flagged,
-        axis=axis,
+        axis=geometry.scan_axis,
         runs=runs,
         class_names=model.config.class_names,
     )
@@ -221,24 +252,31 @@ def record_growth(
 ) -> Iterator[GrowthFrame]:
     """Yield the output after every step of every level for the chosen slices (default: all).
 
-    Only the current frame is held: a caller that wants the whole animation keeps the frames it needs.
-    The last frame equals ``segment(...)``'s probabilities on those slices for the same seed.
+    ``slices`` are indices along the scan axis the model slices (``axis``, default its own plane); each
+    frame holds them in that order. Only the current frame is held: a caller that wants the whole
+    animation keeps the frames it needs. The last frame equals ``segment(...)``'s probabilities on those
+    slices for the same seed. Hidden channels stay in the model's orientation and size.
     """
-    axis = model.preprocessing.axis if axis is None else axis
-    inputs, native = _model_inputs(model, volume, axis)
-    chosen = list(range(inputs.shape[0])) if slices is None else [int(s) for s in slices]
-    if any(not 0 <= s < inputs.shape[0] for s in chosen):
-        raise ValueError(f"slices must lie in 0..{inputs.shape[0] - 1} along axis {axis}, got {chosen}")
+    inputs, geometry = _model_inputs(model, volume, axis)
+    n = inputs.shape[0]
+    chosen = list(range(n)) if slices is None else [int(s) for s in slices]
+    if any(not 0 <= s < n for s in chosen):
+        raise ValueError(f"slices must lie in 0..{n - 1} along axis {geometry.scan_axis}, got {chosen}")
+    in_model = [geometry.model_index(s, n) for s in chosen]
+    # the model's reversal of the slice axis would reverse the chosen slices too: undo it on the way back
+    order = slice(None, None, -1) if geometry.reorientation.reversed(geometry.scan_axis) else slice(None)
     k, kout = model.config.input_channels, model.config.output_channels
-    gens = slice_generators(seed, 0, chosen)
-    states = model.iter_states(inputs[chosen], gens, steps, fire_rate)
+    gens = slice_generators(seed, 0, in_model)
+    states = model.iter_states(inputs[in_model], gens, steps, fire_rate)
     while True:
         with torch.no_grad():
             item = next(states, None)
             if item is None:
                 return
             level, step, state = item
-            prob = _to_native(_outputs(model, state), native, axis)
+            prob = _to_native(_outputs(model, state), geometry)
+            prob = np.ascontiguousarray(np.moveaxis(np.moveaxis(prob, geometry.scan_axis + 1, 0)[order], 0,
+                                                    geometry.scan_axis + 1))
             extra = state[:, k + kout :].permute(1, 0, 2, 3).clone().numpy() if hidden else None
         yield GrowthFrame(level, step, prob, extra)
 

@@ -13,17 +13,25 @@ import torch
 import torch.nn.functional as F
 
 RESIZE_MODES = ("bicubic", "bilinear", "nearest", "area")
+AXIS_PAIRS = ("LR", "AP", "SI")
 SCOPES = ("slice", "volume")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a slice becomes a model input. ``axis`` is the volume axis the model slices along."""
+    """How a slice becomes a model input.
+
+    ``orientation`` is the NIfTI axis codes of the arrays the model was trained on ("RAS": i runs to the
+    right, j anterior, k superior); every scan is brought to it before slicing, and ``axis`` is the axis of
+    that orientation the model slices along (2 in RAS: axial slices). Model files written before the field
+    existed were all trained on the MSD hippocampus data, which is stored RAS, hence the default.
+    """
 
     axis: int = 2
     resize: str = "bicubic"
     percentiles: tuple[float, float] = (0.5, 99.5)
     scope: str = "slice"
+    orientation: str = "RAS"
 
     def __post_init__(self):
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
@@ -36,6 +44,11 @@ class Preprocessing:
             raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
         if self.axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {self.axis}")
+        if not is_axis_codes(self.orientation):
+            raise ValueError(
+                f"orientation must be three axis codes, one of each pair L/R, A/P, S/I (e.g. 'RAS'), "
+                f"got {self.orientation!r}"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -48,6 +61,13 @@ class Preprocessing:
         if unknown:
             raise ValueError(f"unknown preprocessing fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def is_axis_codes(codes) -> bool:
+    """True for three NIfTI axis codes naming each of the L/R, A/P and S/I directions once ("RAS", "LPS")."""
+    if not isinstance(codes, str) or len(codes) != 3:
+        return False
+    return sorted(next((i for i, pair in enumerate(AXIS_PAIRS) if c in pair), -1) for c in codes) == [0, 1, 2]
 
 
 def resize_slices(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

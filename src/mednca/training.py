@@ -44,7 +44,9 @@ from .data import (
     split_cases,
 )
 from .errors import CheckpointError, MedNCAError
+from .inference import slice_axis
 from .model import MedNCA, NCAConfig
+from .orientation import Reorientation
 from .preprocess import Preprocessing
 from .progress import run_to_end
 from .volume import Volume, check_labels, image_array
@@ -100,8 +102,9 @@ class TrainEvent:
 
 @dataclass
 class FinetuneReport:
-    """What fine-tuning did: loss per iteration, time, and Dice on the annotated slices before and after
-    (per class, plus "whole" for the union of classes)."""
+    """What fine-tuning did: the slices used (indices along the scan axis the model slices), loss per
+    iteration, time, and Dice on the annotated slices before and after (per class, plus "whole" for the
+    union of classes)."""
 
     slices: list[int]
     iterations: int
@@ -219,8 +222,9 @@ def validation_dice(model: MedNCA, slices: SliceSet, seed: int = 0) -> dict[str,
 
 @torch.no_grad()
 def native_dice(model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Dice of one volume at its own resolution, predicted as inference does (probabilities resized
-    bilinear to the native slice size, then labelled)."""
+    """Dice of one volume (arrays in the model's orientation, as ``load_cases`` gives them) at its own
+    resolution, predicted as inference does (probabilities resized bilinear to the native slice size, then
+    labelled)."""
     from .preprocess import prepare_slices, restore_slices
 
     axis = model.preprocessing.axis
@@ -249,7 +253,7 @@ def _prepare_data(data, config: NCAConfig, prep: Preprocessing) -> SliceSet:
         return data
     if isinstance(data, list | tuple) and data and all(isinstance(c, Case) for c in data):
         return build_slices(data, config, prep)
-    return build_slices(load_cases(data), config, prep)
+    return build_slices(load_cases(data, prep.orientation), config, prep)
 
 
 def train_iter(
@@ -469,8 +473,10 @@ def finetune_iter(
     """Adapt ``model`` to one scan from a few annotated slices; yields ``TrainEvent``s and returns
     ``(new_model, FinetuneReport)``. ``model`` itself is never changed.
 
-    ``labels`` (array or Volume, the shape of ``volume``) are used on the slices along the model's axis that
-    carry any label, or on ``slices`` when given (then an empty slice teaches "nothing here"). Few slices
+    ``labels`` (array or Volume, the shape of ``volume``) are used on the slices along the model's plane
+    (the scan axis ``slice_axis`` names) that carry any label, or on ``slices`` (indices along that axis)
+    when given (then an empty slice teaches "nothing here"). The scan is brought to the model's
+    orientation first, as inference does. Few slices
     are trained, so they go whole through both levels, with augmentation; each iteration takes
     ``batch_size`` of them at random.
     """
@@ -481,15 +487,19 @@ def finetune_iter(
         raise MedNCAError(
             f"the labels hold class {top}, but the model segments only {k} classes {model.config.class_names}"
         )
-    axis = model.preprocessing.axis
+    axis = slice_axis(model, volume)
     chosen = sorted(set(int(s) for s in slices)) if slices is not None else annotated_slices(lab, axis)
     if not chosen:
         raise MedNCAError(f"no annotated slice along axis {axis}: label at least one slice to fine-tune on")
-    bad = [s for s in chosen if not 0 <= s < lab.shape[axis]]
+    n = lab.shape[axis]
+    bad = [s for s in chosen if not 0 <= s < n]
     if bad:
-        raise MedNCAError(f"slices {bad} lie outside the volume (axis {axis} has {lab.shape[axis]} slices)")
-    image = np.take(image_array(volume), chosen, axis=axis)
-    target = np.take(lab, chosen, axis=axis)
+        raise MedNCAError(f"slices {bad} lie outside the volume (axis {axis} has {n} slices)")
+    reorientation = Reorientation.between(volume.affine, model.preprocessing.orientation)
+    in_model = sorted(n - 1 - s if reorientation.reversed(axis) else s for s in chosen)  # model's slice order
+    model_axis = model.preprocessing.axis
+    image = np.take(reorientation.to_model(image_array(volume)), in_model, axis=model_axis)
+    target = np.take(reorientation.to_model(lab), in_model, axis=model_axis)
     inputs, onehot = case_slices(image, target, model.config, model.preprocessing)
     onehot = onehot.float()
 
