@@ -1,5 +1,5 @@
-"""Model files: our safetensors format round-trips exactly, and foreign, damaged or altered files are refused
-with a message naming the problem, without ever unpickling anything."""
+"""Model files: our safetensors format round-trips exactly, and foreign, damaged or altered files (weights or
+metadata) are refused with a message naming the problem, without ever unpickling anything."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mednca.checkpoint import import_reference, load_model_file, read_metadata, save_model
+from mednca.checkpoint import (
+    UnprotectedMetadataWarning,
+    import_reference,
+    load_model_file,
+    model_digest,
+    read_metadata,
+    save_model,
+    weights_digest,
+)
 from mednca.errors import CheckpointError
 from mednca.model import MedNCA, NCAConfig
 from mednca.preprocess import Preprocessing
@@ -60,16 +69,85 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
         load_model_file(path)
 
 
-def test_metadata_that_lies_about_the_architecture_is_refused(tmp_path, small_model):
-    path = tmp_path / "m.safetensors"
-    meta = {"format": "mednca", "format_version": 1, "architecture": MedNCA().config.to_dict(),
-            "preprocessing": Preprocessing().to_dict(), "provenance": {}, "sha256": ""}
-    tensors = {k: v.contiguous() for k, v in small_model.state_dict().items()}
-    from mednca.checkpoint import weights_digest
-
-    meta["sha256"] = weights_digest(tensors)
+def write_model_file(path, tensors, meta, digest):
+    """A model file written by hand, with the digest that ``digest`` computes."""
+    meta = {**meta, "sha256": digest(tensors, meta) if digest is model_digest else digest(tensors)}
     save_file(tensors, str(path), metadata={"mednca": json.dumps(meta)})
+    return path
+
+
+def file_contents(path):
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["mednca"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_metadata_that_lies_about_the_architecture_is_refused(tmp_path, small_model):
+    meta = {"format": "mednca", "format_version": 2, "architecture": MedNCA().config.to_dict(),
+            "preprocessing": Preprocessing().to_dict(), "provenance": {}}
+    tensors = {k: v.contiguous() for k, v in small_model.state_dict().items()}
+    path = write_model_file(tmp_path / "m.safetensors", tensors, meta, model_digest)
     with pytest.raises(CheckpointError, match="shape"):
+        load_model_file(path)
+
+
+TAMPERING = [
+    ("architecture", "class_names", ["liver", "tumour"]),
+    ("preprocessing", "axis", 0),
+    ("architecture", "steps", [2, 40]),
+    ("architecture", "fire_rate", 0.25),
+    ("preprocessing", "percentiles", [5.0, 95.0]),
+]
+
+
+@pytest.mark.parametrize(("section", "field", "value"), TAMPERING, ids=[t[1] for t in TAMPERING])
+def test_edited_metadata_is_refused(tmp_path, small_model, section, field, value):
+    """Plausible edits that would load and segment wrongly: the digest covers the metadata (format 2)."""
+    path = save_model(small_model, tmp_path / "m.safetensors")
+    meta, tensors = file_contents(path)
+    meta[section][field] = value
+    save_file(tensors, str(path), metadata={"mednca": json.dumps(meta)})
+    for read in (load_model_file, read_metadata):
+        with pytest.raises(CheckpointError, match="^m.safetensors: the weights and metadata do not match their "
+                                                  "checksum; the file was altered or damaged$"):
+            read(path)
+
+
+def test_the_digest_does_not_depend_on_how_the_json_is_laid_out(tmp_path, small_model):
+    path = save_model(small_model, tmp_path / "m.safetensors")
+    meta, tensors = file_contents(path)
+    relaid = json.dumps(dict(reversed(meta.items())), indent=3)
+    save_file(tensors, str(path), metadata={"mednca": relaid})
+    assert load_model_file(path).config == small_model.config
+
+
+def test_format_1_files_load_with_a_warning_and_are_still_checked(tmp_path, small_model):
+    """Models saved before format 2: weights verified, metadata checked against the schema only."""
+    meta = {"format": "mednca", "format_version": 1, "architecture": small_model.config.to_dict(),
+            "preprocessing": {"axis": 2, "resize": "bicubic", "percentiles": [1.0, 99.0], "scope": "slice"},
+            "provenance": {"note": "old"}}
+    tensors = {k: v.contiguous() for k, v in small_model.state_dict().items()}
+    path = write_model_file(tmp_path / "old.safetensors", tensors, meta, weights_digest)
+    with pytest.warns(UnprotectedMetadataWarning, match="^old.safetensors is a format 1 model file: its weights"):
+        loaded = load_model_file(path)
+    assert loaded.config == small_model.config and loaded.preprocessing == small_model.preprocessing
+    resaved, _ = file_contents(save_model(loaded, tmp_path / "new.safetensors"))
+    assert resaved["format_version"] == 2  # saving again protects it
+    bad = {**meta, "architecture": {**meta["architecture"], "downscale": 0}}
+    write_model_file(path, tensors, bad, weights_digest)
+    with pytest.raises(CheckpointError, match="^old.safetensors: architecture.downscale must be an integer from 2"):
+        load_model_file(path)
+    write_model_file(path, {**tensors, "backbones.0.fc0.bias": tensors["backbones.0.fc0.bias"] + 1}, meta,
+                     lambda t: weights_digest(tensors))
+    with pytest.raises(CheckpointError, match="^old.safetensors: the weights do not match their checksum"):
+        load_model_file(path)
+
+
+@pytest.mark.parametrize("version", [3, 0, "2", True])
+def test_unknown_format_versions_are_refused(tmp_path, small_model, version):
+    path = save_model(small_model, tmp_path / "m.safetensors")
+    meta, tensors = file_contents(path)
+    write_model_file(path, tensors, {**meta, "format_version": version}, model_digest)
+    with pytest.raises(CheckpointError, match="newer napari-nca" if version == 3 else "format_version must be"):
         load_model_file(path)
 
 
@@ -126,14 +204,17 @@ def test_import_of_a_foreign_checkpoint_names_the_problem(reference_dir, tmp_pat
         import_reference(folder)
 
 
+@pytest.mark.filterwarnings("error")  # format 2: weights and metadata verified, so no warning
 def test_every_shipped_model_loads_offline_with_what_a_user_needs_to_know():
     from mednca.registry import DEFAULT_MODEL, list_models, load_model
 
     shipped = {entry.name: entry for entry in list_models() if entry.source == "shipped"}
     assert {DEFAULT_MODEL, "hippocampus_msd"} <= set(shipped)
     held_out = set()
-    for name in shipped:
-        model = load_model(name)  # verifies the weights against their recorded digest
+    for name, entry in shipped.items():
+        meta, tensors = file_contents(entry.path)
+        assert meta["format_version"] == 2 and meta["sha256"] == model_digest(tensors, meta)
+        model = load_model(name)  # verifies the weights and metadata against their recorded digest
         assert model.config.class_names == ("anterior", "posterior")
         assert sum(p.numel() for p in model.parameters()) <= 70_016
         prov = model.provenance

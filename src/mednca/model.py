@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_schema import check_architecture
 from .preprocess import Preprocessing
 
 
@@ -43,19 +44,7 @@ class NCAConfig:
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
         object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-        if len(self.steps) != self.levels:
-            raise ValueError(f"steps must give one count per level ({self.levels}), got {self.steps}")
-        if len(self.class_names) != self.output_channels:
-            raise ValueError(
-                f"class_names must name each of the {self.output_channels} output channels, got {self.class_names}"
-            )
-        if self.input_channels + self.output_channels > self.channels:
-            raise ValueError("channels must hold the input and output channels")
-        if not 0.0 <= self.fire_rate < 1.0:
-            raise ValueError(f"fire_rate must be in [0, 1), got {self.fire_rate}")
-        scale = self.downscale ** (self.levels - 1)
-        if any(s % scale for s in self.input_size):
-            raise ValueError(f"input_size {self.input_size} must be divisible by downscale**(levels-1) = {scale}")
+        check_architecture(self.to_dict())  # the rules a model file is held to: every config can be saved
 
     def level_size(self, level: int) -> tuple[int, int]:
         """Slice size processed by ``level`` (0 is the coarsest)."""
