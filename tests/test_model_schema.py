@@ -125,6 +125,23 @@ def test_a_claimed_huge_architecture_allocates_nothing(model_file):
         load_model_file(model_file)
 
 
+def test_listings_show_a_files_text_escaped_on_one_line(model_file, tmp_path, monkeypatch, capsys):
+    from mednca.cli import main
+    from mednca.registry import list_models
+
+    craft(model_file, lambda meta: meta["provenance"].update(source="\x1b[2J\nmednca: all checks passed"))
+    user = tmp_path / "user_models"
+    user.mkdir()
+    model_file.rename(user / "evil.safetensors")
+    monkeypatch.setenv("MEDNCA_MODELS_DIR", str(user))
+    (entry,) = [e for e in list_models() if e.source == "user"]
+    assert entry.summary.isprintable() and "\\x1b[2J\\nmednca: all checks passed" in entry.summary
+    for command in (["models"], ["info", "evil"]):
+        assert main(command) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\nmednca: all checks passed" not in out
+
+
 # --- the authors' config.dt ---
 
 

@@ -17,6 +17,7 @@ import platformdirs
 from .checkpoint import import_reference, load_model_file, read_metadata, save_model
 from .errors import CheckpointError
 from .model import MedNCA
+from .model_schema import printable
 
 SHIPPED_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = "hippocampus"
@@ -32,15 +33,18 @@ class ModelEntry:
 
     @property
     def summary(self) -> str:
+        """One line for listings and tooltips. Text from the file (its name, provenance) is shown through
+        ``printable``, so a file cannot print fake lines or terminal escapes; class names are printable already."""
         arch = self.metadata.get("architecture", {})
         prov = self.metadata.get("provenance", {})
         classes = ", ".join(arch.get("class_names", []))
         origin = prov.get("source") or prov.get("finetuned_from") or ""
         text = f"{self.name} [{self.source}] classes: {classes}; {origin}".strip()
         held_out = prov.get("validation_dice_native", {})
-        if "whole" in held_out:
-            text += f"; whole Dice {held_out['whole']:.3f} on {held_out.get('cases', '?')} held-out cases"
-        return text
+        whole = held_out.get("whole") if isinstance(held_out, dict) else None
+        if isinstance(whole, (int, float)) and not isinstance(whole, bool):
+            text += f"; whole Dice {whole:.3f} on {held_out.get('cases', '?')} held-out cases"
+        return printable(text)
 
 
 def user_models_dir() -> Path:
