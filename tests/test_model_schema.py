@@ -142,6 +142,15 @@ def test_listings_show_a_files_text_escaped_on_one_line(model_file, tmp_path, mo
         assert "\x1b" not in out and "\nmednca: all checks passed" not in out
 
 
+@pytest.mark.parametrize("recorded", [{"whole": "0.99"}, {"whole": None}, "0.99", {"whole": True}])
+def test_a_summary_leaves_out_a_dice_that_is_not_a_number(model_file, recorded):
+    from mednca.registry import ModelEntry
+
+    craft(model_file, lambda meta: meta["provenance"].update(validation_dice_native=recorded))
+    entry = ModelEntry("m", model_file, "user", read_metadata(model_file))
+    assert entry.summary == "m [user] classes: anterior, posterior; test"
+
+
 # --- the authors' config.dt ---
 
 
