@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mednca.errors import VolumeError
 from mednca.inference import (
     labels_from_probabilities,
     quality_iter,
@@ -118,9 +119,9 @@ def test_nan_voxels_are_handled(tiny_model, volume):
     assert np.isfinite(result.probabilities).all()
 
 
-def test_an_empty_scan_gives_an_empty_segmentation(reference_model):
-    result = segment(reference_model, Volume(np.zeros((30, 40, 6), np.float32), np.eye(4)))
-    assert result.labels.array.sum() == 0
+def test_an_empty_scan_is_refused_rather_than_given_labels(tiny_model):
+    with pytest.raises(VolumeError, match="the image is constant"):
+        segment(tiny_model, Volume(np.zeros((30, 40, 6), np.float32), np.eye(4)))
 
 
 def test_multiclass_labels_take_the_most_probable_class():

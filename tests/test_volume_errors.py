@@ -90,8 +90,26 @@ def test_integer_and_boolean_images_are_cast(data):
     np.testing.assert_array_equal(out, data.astype(np.float64))
 
 
-def test_all_zero_image_is_valid():
-    np.testing.assert_array_equal(image_array(volume(np.zeros((3, 3, 3), np.uint8))), 0)
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (np.zeros((3, 3, 3), np.uint8), r"the image is constant \(all values 0.0\): nothing to segment"),
+        (np.full((3, 3, 3), 7.5), r"constant \(all values 7.5\)"),
+        (np.where(np.eye(3, dtype=bool)[None], np.nan, 2.0), r"constant \(all values 2.0\)"),  # NaN is no contrast
+        (np.array([1e-50, 2e-50, 3e-50, 0]).reshape(2, 2, 1), "differ by less than float32 can tell apart"),
+    ],
+)
+def test_an_image_without_contrast_is_refused_not_segmented(data, message):
+    with pytest.raises(VolumeError, match=message):
+        image_array(volume(data))
+
+
+def test_values_beyond_float32_are_refused_not_turned_into_infinity():
+    data = np.array([0.0, 1.0, 5e38, -2.0]).reshape(2, 2, 1)
+    with pytest.raises(VolumeError, match=r"values from -2 to 5e\+38, beyond what float32 holds"):
+        image_array(volume(data))
+    data[1, 0, 0] = 3e38  # the largest values float32 holds are kept
+    assert np.isfinite(image_array(volume(data))).all()
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,9 @@ NIfTI goes through nibabel; NRRD, MetaImage and DICOM series through SimpleITK, 
 and whose world is LPS: both are converted on the way in and out, so callers only ever see one convention.
 
 Writing never destroys data: files go to a temporary name in the destination folder and are renamed into
-place, and a volume refuses to be written over any file its data was read or derived from.
+place, and a volume refuses to be written over any file its data was read or derived from. The temporary
+folder's name says who made it (``.mednca-tmp-<host>-<pid>-...``), so what a killed writer left behind can be
+recognised and removed later (:func:`remove_stale_temp`) without touching a write still in progress.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -39,6 +42,8 @@ READABLE = (
 )
 LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS: ITK's world has x and y pointing the other way
 SCANNER = 1  # NIfTI xform code: coordinates of the scanner
+TEMP_PREFIX = ".mednca-tmp-"  # + host, pid: temporary folders of write_volume
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(eq=False)
@@ -119,7 +124,8 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
     """Write ``volume`` to ``path`` (format from the extension) with its geometry, atomically.
 
     Label arrays (bool, integer) are stored as the smallest of uint8/int16/int32 that holds them, everything
-    else as float32. The file the volume's data came from is never overwritten.
+    else as float32. The file the volume's data came from is never overwritten. A failure of the file system
+    (a full disk, a read-only folder) is a :class:`VolumeError` naming the file and the system's reason.
     """
     path = Path(path)
     name = path.name.lower()
@@ -129,8 +135,11 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
         raise VolumeError(f"{path} is a folder; give a file name to write to")
     data = _storable(volume.array, path.name)
     _refuse_source(volume, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=path.parent))
+    except OSError as e:
+        raise VolumeError(f"cannot write {path}: {_os_reason(e)}") from None
     try:
         staged = tmp_dir / path.name
         if name.endswith(NIFTI_SUFFIXES):
@@ -145,9 +154,36 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
             os.replace(f, path.parent / f.name)
     except RuntimeError as e:  # SimpleITK reports every failure as RuntimeError
         raise VolumeError(f"{path.name}: could not be written ({_itk_reason(e)})") from None
+    except OSError as e:  # a full disk, a folder made read-only meanwhile, a file system that refuses the name
+        raise VolumeError(f"cannot write {path}: {_os_reason(e)}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def remove_stale_temp(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that :func:`write_volume` left in ``folder`` when its process was killed
+    (their writer's process id no longer runs on this host); returns what was removed.
+
+    Folders of writers that still run, or that ran on another host sharing the folder, are left alone, and so
+    is everything on a system where a process cannot be looked up by id (Windows).
+    """
+    folder = Path(folder)
+    mine = re.compile(rf"^{re.escape(_host_prefix())}(\d+)-")
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        match = mine.match(entry.name)
+        if match and not _process_alive(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def image_array(volume: Volume | np.ndarray) -> np.ndarray:
@@ -156,19 +192,42 @@ def image_array(volume: Volume | np.ndarray) -> np.ndarray:
     Scanners and resampling leave NaN (and sometimes +-Inf) outside the field of view; one of them would
     turn the percentile normalisation and every NCA update that sees it into NaN, so NaN and -Inf become
     the lowest finite value (background) and +Inf the highest.
+
+    An image without contrast (one value everywhere, or values float32 cannot tell apart) and one whose
+    values overflow float32 are refused: normalisation would make noise or infinities of them, and the
+    model would label voxels in an image that shows nothing.
     """
     array = volume.array if isinstance(volume, Volume) else np.asanyarray(volume)
     if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.float32)
+        return _with_contrast(array, array.astype(np.float32))
     if not np.issubdtype(array.dtype, np.floating):
         raise VolumeError(f"the image holds {array.dtype} values; a real-valued scan is needed")
     finite = np.isfinite(array)
     if finite.all():
-        return array.astype(np.float32)
-    if not finite.any():
+        low, high = array.min(), array.max()
+    elif not finite.any():
         raise VolumeError("the image holds no finite value (all NaN or infinite)")
-    low, high = array[finite].min(), array[finite].max()
-    return np.nan_to_num(array, nan=low, neginf=low, posinf=high).astype(np.float32)
+    else:
+        low, high = array[finite].min(), array[finite].max()
+        array = np.nan_to_num(array, nan=low, neginf=low, posinf=high)
+    if max(-float(low), float(high)) > FLOAT32_MAX:
+        raise VolumeError(
+            f"the image holds values from {float(low):.3g} to {float(high):.3g}, beyond what float32 holds "
+            f"(+-{FLOAT32_MAX:.3g}): rescale the image to a realistic intensity range first"
+        )
+    return _with_contrast(array, array.astype(np.float32))
+
+
+def _with_contrast(original: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """``image`` (the float32 copy of ``original``), refused when it holds no contrast to segment."""
+    if image.size and image.min() == image.max():
+        if original.min() != original.max():
+            raise VolumeError(
+                f"the image's values ({original.min():.6g} to {original.max():.6g}) differ by less than float32 "
+                "can tell apart: rescale the image to a realistic intensity range first"
+            )
+        raise VolumeError(f"the image is constant (all values {float(original.flat[0])}): nothing to segment")
+    return image
 
 
 def check_labels(labels: Volume | np.ndarray, volume: Volume) -> np.ndarray:
@@ -381,6 +440,36 @@ def _itk_image(volume: Volume, data: np.ndarray) -> sitk.Image:
     image.SetDirection((linear / spacing).ravel().tolist())
     image.SetOrigin((LPS @ volume.affine[:3, 3]).tolist())
     return image
+
+
+def _host_prefix() -> str:
+    """``.mednca-tmp-<host>-``: the start of every temporary folder this host's writers make. The host keeps
+    a cleaner on one machine off the folders of a writer on another machine sharing the folder."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+    return f"{TEMP_PREFIX}{host}-"
+
+
+def _temp_prefix() -> str:
+    """This process's temporary folders: ``.mednca-tmp-<host>-<pid>-``, the pid telling whether it still runs."""
+    return f"{_host_prefix()}{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs on this host; True when that cannot be known, so nothing in use is removed."""
+    if os.name != "posix" or pid == os.getpid():
+        return True  # on Windows os.kill(pid, 0) would send Ctrl-C, not look the process up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def _os_reason(error: OSError) -> str:
+    """The operating system's words for a failed file operation ("No space left on device")."""
+    return error.strerror or str(error) or type(error).__name__
 
 
 def _itk_reason(error: RuntimeError) -> str:
