@@ -1,32 +1,49 @@
-"""The ``mednca`` command: segment scans, import the authors' model, list and describe models.
+"""The ``mednca`` command: segment scans, train and evaluate models, import the authors' model, list models.
 
-Errors the user can fix (a bad file, an unknown model) are printed as one line and give exit status 1;
-a command line that cannot be parsed gives 2. When several scans are segmented, a bad one does not stop
-the others.
+Errors the user can fix (a bad file, an unknown model, a folder that cannot be written) are printed as one
+line and give exit status 1; a command line that cannot be parsed, or an option value out of range, gives 2.
+Nothing is lost: every place a result goes is checked before the work starts, results that exist are kept
+(running a command again resumes it), and in a batch a scan or case that fails does not stop the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tempfile
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from .batch import Job, find_scans, plan
 from .checkpoint import read_metadata, save_model
 from .data import data_pairs
 from .errors import MedNCAError
-from .evaluation import evaluate_iter, select_cases
+from .evaluation import EvaluationReport, evaluate_iter, select_cases
 from .inference import quality_iter, segment_iter, torch_threads
 from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve
+from .threads import default_threads
 from .training import AUTHORS_RECIPE, Recipe, train_iter
-from .volume import read_volume, write_volume
+from .volume import read_volume, remove_stale_temp, write_volume
 
-SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DESCRIPTION = """\
+Segment medical scans (the hippocampus in MRI) with Med-NCA models,
+and train, evaluate, import and list the models.
+'mednca COMMAND --help' describes each command, with examples."""
+MAX_QUALITY_RUNS = 100  # 100 runs of a 256-slice scan hold about 0.8 GB of probabilities
+MAX_SEED = 2**32 - 1
+THREADS_HELP = (
+    "CPU threads for the computation (default: the cores not already busy, from the 1-minute load average; "
+    "at least 1)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,146 +52,304 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MedNCAError as e:
-        print(f"mednca: error: {e}", file=sys.stderr)
-        return 1
+        return _error(str(e))
+    except MemoryError as e:
+        return _error(f"not enough memory ({str(e) or 'no detail'})")
+    except OSError as e:
+        return _error(_os_text(e))
     except KeyboardInterrupt:
         print("mednca: interrupted", file=sys.stderr)
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mednca", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _error(message: str) -> int:
+    print(f"mednca: error: {message}", file=sys.stderr)
+    return 1
 
-    p = sub.add_parser("segment", help="segment scans (files or folders of scans)")
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; every option with a real default says it (``None`` and off say nothing:
+    their help explains what happens without them)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if quiet or "%(default)" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def whole_number(low: int, high: int | None = None):
+    """An argparse type: a whole number from ``low`` (to ``high``), refused with the allowed range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a whole number {allowed}")
+        return value
+
+    return parse
+
+
+def quality_runs(text: str) -> int:
+    """``--quality``: 0 (no quality map) or 2 to ``MAX_QUALITY_RUNS`` runs."""
+    value = whole_number(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("1 run makes no quality map: it compares 2 or more runs (0 turns it off)")
+    if value > MAX_QUALITY_RUNS:
+        raise argparse.ArgumentTypeError(
+            f"{value} runs is more than the {MAX_QUALITY_RUNS} allowed: memory grows with the runs (100 runs of a "
+            "256-slice scan take about 0.8 GB) and a few dozen runs already give a steady map"
+        )
+    return value
+
+
+def learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive learning rate (such as 1e-3)")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give a fraction from 0 (none) up to, not "
+                                         "including, 1")
+    return value
+
+
+SEGMENT_EXAMPLES = """\
+examples:
+  mednca segment scan.nii.gz -o scan_seg.nii.gz
+      segment one scan; the labels go to scan_seg.nii.gz
+  mednca segment scans/ -o results/ --quality 10
+      every scan in scans/: results/NAME_seg.nii.gz, and a quality (std) map from 10 runs, NAME_std.nii.gz
+  mednca segment scans/ -o results/
+      after an interruption: scans whose results exist are skipped; --overwrite recomputes them
+
+Files named like results (*_seg, *_std) are left out of a folder, so scans and results may share one.
+Scans with the same name in different folders get the folder's name in their results' names."""
+
+TRAIN_EXAMPLES = """\
+examples:
+  mednca train Task04_Hippocampus/ -o my_model.safetensors --iterations 5000
+      train a model; Ctrl-C stops it and prints the command that continues from its checkpoint
+  mednca train Task04_Hippocampus/ -o refined.safetensors --init hippocampus --lr 1e-3 --best best.safetensors
+      continue from the shipped model's weights, keeping the model with the best validation Dice too
+
+A model file, --best or a checkpoint that exists is never replaced; all are checked before training starts."""
+
+EVALUATE_EXAMPLES = """\
+examples:
+  mednca evaluate hippocampus Task04_Hippocampus/
+      Dice of the shipped model on its own validation cases (scans it was not trained on)
+  mednca evaluate my_model.safetensors Task04_Hippocampus/ --quality 10 --csv scores.csv
+      also score the quality map (NQM per case), and save the table for a spreadsheet
+
+A case that cannot be scored is reported under the table; the others are still scored."""
+
+IMPORT_EXAMPLES = """\
+examples:
+  mednca import-reference mednca_hippocampus/ -o authors.safetensors
+      convert the authors' checkpoint folder; then: mednca segment scan.nii.gz -o out/ --model authors.safetensors"""
+
+INFO_EXAMPLES = """\
+examples:
+  mednca info hippocampus
+      architecture, preprocessing and training record of the shipped model
+  mednca info my_model.safetensors"""
+
+MODELS_EXAMPLES = """\
+examples:
+  mednca models
+      the shipped models, then the ones saved in your models folder, each with its file"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mednca", description=DESCRIPTION, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help, examples, func):
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=examples,
+                           formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    model_help = "model name (see 'mednca models'), .safetensors file or the authors' checkpoint folder"
+    p = command("segment", "segment scans (files, DICOM series folders or folders of scans)", SEGMENT_EXAMPLES,
+                cmd_segment)
     p.add_argument("inputs", nargs="+", type=Path, help="scan files, DICOM series folders or folders of scans")
     p.add_argument("-o", "--output", type=Path, required=True,
-                   help="output folder (or a file name when segmenting one scan)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name, .safetensors file or the authors' folder")
-    p.add_argument("--quality", type=int, default=0, metavar="N",
-                   help="also compute a quality map from N stochastic runs (N >= 2) and write the std map")
-    p.add_argument("--seed", type=int, default=0)
+                   help="output folder, or a file name such as scan_seg.nii.gz when segmenting one scan")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--quality", type=quality_runs, default=0, metavar="N",
+                   help=f"also make a quality map: N stochastic runs (2 to {MAX_QUALITY_RUNS}) whose disagreement "
+                        "(std) is written as NAME_std.nii.gz, with the NQM score; 0 makes none")
+    p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0,
+                   help="seed of the model's random cell updates: the same seed gives the same labels")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=None, help="slice axis (default: the model's)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
-    p.set_defaults(func=cmd_segment)
+    p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute scans whose results exist and replace those files (without it they are skipped)")
 
-    p = sub.add_parser("import-reference", help="convert the Med-NCA authors' checkpoint folder")
+    p = command("import-reference", "convert the Med-NCA authors' checkpoint folder into a model file",
+                IMPORT_EXAMPLES, cmd_import)
     p.add_argument("directory", type=Path, help="folder with model0.pth, model1.pth and config.dt")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
-    p.set_defaults(func=cmd_import)
+    p.add_argument("-o", "--output", type=Path, required=True, help="the new model file (.safetensors)")
 
-    p = sub.add_parser("info", help="describe a model")
-    p.add_argument("model", help="model name or .safetensors file")
-    p.set_defaults(func=cmd_info)
+    p = command("info", "describe a model: architecture, preprocessing, how it was trained", INFO_EXAMPLES, cmd_info)
+    p.add_argument("model", help=model_help)
 
-    p = sub.add_parser("models", help="list the shipped and the user's models")
-    p.set_defaults(func=cmd_models)
+    command("models", "list the shipped models and the user's", MODELS_EXAMPLES, cmd_models)
 
-    p = sub.add_parser("evaluate", help="Dice (and NQM) of a model on a labelled Decathlon task folder")
-    p.add_argument("model", help="model name, .safetensors file or the authors' folder")
+    p = command("evaluate", "Dice (and NQM) of a model on a labelled Decathlon task folder", EVALUATE_EXAMPLES,
+                cmd_evaluate)
+    p.add_argument("model", help=model_help)
     p.add_argument("data", type=Path, help="Decathlon task folder (dataset.json, imagesTr/, labelsTr/)")
-    p.add_argument("--quality", type=int, default=0, metavar="N",
-                   help="score quality maps of N stochastic runs (N >= 2): NQM per case and its correlation with Dice")
+    p.add_argument("--quality", type=quality_runs, default=0, metavar="N",
+                   help=f"score quality maps of N stochastic runs (2 to {MAX_QUALITY_RUNS}): NQM per case and its "
+                        "correlation with Dice; 0 scores the plain segmentation")
     p.add_argument("--cases", default=None, metavar="validation|all|ID,ID,...",
                    help="which cases (default: the model's validation cases when it records them, else all)")
-    p.add_argument("--limit", type=int, default=None, metavar="K", help="only the first K of those cases")
-    p.add_argument("--csv", type=Path, default=None, help="also write the per-case table as CSV")
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
-    p.set_defaults(func=cmd_evaluate)
+    p.add_argument("--limit", type=whole_number(1), default=None, metavar="K",
+                   help="only the first K of those cases (default: all of them)")
+    p.add_argument("--csv", type=Path, default=None, help="also write the per-case table as CSV to this file")
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
+    p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0,
+                   help="seed of the model's random cell updates: the same seed gives the same scores")
+    p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
 
-    p = sub.add_parser("train", help="train a model on a labelled Decathlon task folder")
+    p = command("train", "train a model on a labelled Decathlon task folder", TRAIN_EXAMPLES, cmd_train)
     p.add_argument("data", type=Path, help="Decathlon task folder (dataset.json, imagesTr/, labelsTr/)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="the trained model (.safetensors)")
-    p.add_argument("--iterations", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of cases held out for validation")
-    p.add_argument("--seed", type=int, default=0, help="seeds weights, split, batches and augmentation")
-    p.add_argument("--eval-every", type=int, default=1000, help="validation Dice every N iterations")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the trained model (a new .safetensors file)")
+    p.add_argument("--iterations", type=whole_number(1), default=20000, help="training steps")
+    p.add_argument("--batch-size", type=whole_number(1), default=16, help="slices per training step")
+    p.add_argument("--lr", type=learning_rate, default=None,
+                   help=f"peak learning rate (default: the recipe's, {Recipe().lr:g}, or "
+                        f"{AUTHORS_RECIPE.lr:g} with --authors-recipe)")
+    p.add_argument("--val-fraction", type=fraction, default=0.1,
+                   help="fraction of the cases held out for validation (0: none, and no validation Dice)")
+    p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0,
+                   help="seeds weights, split, batches and augmentation: the same seed gives the same model")
+    p.add_argument("--eval-every", type=whole_number(1), default=1000, help="validation Dice every N iterations")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="training state for --resume (default: OUTPUT with the suffix .ckpt)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=whole_number(1), default=None, metavar="N",
+                   help="save the training state every N iterations (default: 500, or a tenth of the run when "
+                        "that is shorter)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    p.add_argument("--best", type=Path, default=None, help="also keep the model with the best validation Dice here")
-    p.add_argument("--init", default=None, metavar="MODEL", help="start from this model's weights and architecture")
+    p.add_argument("--best", type=Path, default=None,
+                   help="also keep the model with the best validation Dice in this new .safetensors file")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="start from this model's weights and architecture (default: new random weights)")
     p.add_argument("--authors-recipe", action="store_true",
                    help="the Med-NCA authors' plain recipe (no augmentation, exponential decay)")
-    p.add_argument("--crop", type=int, default=None,
+    p.add_argument("--crop", type=whole_number(1), default=None,
                    help="side of the fine-level training window (default: the recipe's, 16); larger sees more context")
     p.add_argument("--no-augment", action="store_true", help="train on the slices as they are")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
     return parser
 
 
-def find_scans(inputs: list[Path]) -> list[Path]:
-    """Expand folders into the scans they hold; a folder without scan files is taken as a DICOM series."""
-    scans: list[Path] = []
-    for path in inputs:
-        if not path.exists():
-            raise MedNCAError(f"input not found: {path}")
-        if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES))
-            scans.extend(inside or [path])
-        else:
-            scans.append(path)
-    return scans
-
-
-def output_path(scan: Path, output: Path, single: bool, suffix: str) -> Path:
-    """Where the result for ``scan`` goes: a NIfTI beside the others in ``output``, or ``output`` itself."""
-    if single and output.name.lower().endswith(SCAN_SUFFIXES) and suffix == "seg":
-        return output
-    folder = output.parent if single and output.name.lower().endswith(SCAN_SUFFIXES) else output
-    name = scan.name
-    for ext in SCAN_SUFFIXES:
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return folder / f"{name}_{suffix}.nii.gz"
+# ---------------------------------------------------------------------------------------------- segment
 
 
 def cmd_segment(args) -> int:
-    if args.quality == 1 or args.quality < 0:
-        raise MedNCAError("--quality needs at least 2 runs")
+    scans, notes = find_scans(args.inputs)
+    jobs = plan(scans, args.output, ("seg", "std") if args.quality else ("seg",))
+    for folder in sorted({path.parent for job in jobs for path in job.outputs.values()}):
+        writable_folder(folder, "output folder")
+        stale = remove_stale_temp(folder)
+        if stale:
+            notes.append(f"removed {len(stale)} temporary folder(s) in {folder} left by a mednca run that was killed")
+    for note in notes:
+        print(f"mednca: {note}", file=sys.stderr)
     model = load_model(args.model)
-    scans = find_scans(args.inputs)
-    failures = 0
-    for scan in scans:
+    threads = args.threads or default_threads()
+    outcomes = Counter()
+    for job in jobs:
         try:
-            line = _segment_one(model, scan, args, single=len(scans) == 1)
+            line, outcome = _segment_one(model, job, args, threads)
         except MedNCAError as e:
-            failures += 1
-            line = f"{scan}: FAILED: {e}"
+            line, outcome = f"{job.scan}: FAILED: {e}", "failed"
+        except MemoryError as e:  # a header claiming gigabytes, a quality map too large for this machine
+            line, outcome = f"{job.scan}: FAILED: not enough memory for this scan ({str(e) or 'no detail'})", "failed"
+        except OSError as e:  # the file system failing under a read
+            line, outcome = f"{job.scan}: FAILED: {_os_text(e)}", "failed"
         tqdm.write(line)
-    if failures:
-        print(f"mednca: {failures} of {len(scans)} scans failed", file=sys.stderr)
-    return 1 if failures else 0
+        outcomes[outcome] += 1
+    if outcomes["failed"] or outcomes["skipped"]:
+        parts = [f"{outcomes[k]} {k}" for k in ("segmented", "skipped", "failed") if outcomes[k]]
+        print(f"mednca: {', '.join(parts)} of {len(jobs)} scans" +
+              (" (skipped: their results exist; --overwrite recomputes them)" if outcomes["skipped"] else ""),
+              file=sys.stderr)
+    return 1 if outcomes["failed"] else 0
 
 
-def _segment_one(model, scan: Path, args, single: bool) -> str:
+def _segment_one(model, job: Job, args, threads: int) -> tuple[str, str]:
+    """Segment one scan and write its results; returns the line to print and the outcome."""
     start = time.perf_counter()
-    volume = read_volume(scan)
-    opts = dict(axis=args.axis, seed=args.seed, threads=args.threads)
+    volume = read_volume(job.scan)
+    if not args.overwrite and _results_exist(job, volume.shape):
+        shown = ", ".join(str(p) for p in job.outputs.values())
+        return f"{job.scan}: skipped, its results exist ({shown})", "skipped"
+    opts = dict(axis=args.axis, seed=args.seed, threads=threads)
     if args.quality:
         gen = quality_iter(model, volume, args.quality, **opts)
     else:
         gen = segment_iter(model, volume, **opts)
-    result = _drive(gen, scan.name)
-    seg_path = write_volume(result.labels, output_path(scan, args.output, single, "seg"))
+    result = _drive(gen, job.scan.name)
+    seg_path = write_volume(result.labels, job.outputs["seg"])
     extra = ""
     if args.quality:
-        std = volume.like(result.std.max(0))
-        std_path = write_volume(std, output_path(scan, args.output, single, "std"))
+        std_path = write_volume(volume.like(result.std.max(0)), job.outputs["std"])
         worst = ", ".join(str(s) for s in result.flagged_slices[:5]) or "none"
         extra = f"  NQM {result.nqm:.4f}  std map {std_path}  least trustworthy slices: {worst}"
     counts = ", ".join(
         f"{name} {int((result.labels.array == i + 1).sum())} vox" for i, name in enumerate(model.config.class_names)
     )
-    shape = "x".join(str(s) for s in volume.shape)
-    return f"{scan} -> {seg_path}  [{shape}]  {counts}{extra}  {time.perf_counter() - start:.1f} s"
+    line = f"{job.scan} -> {seg_path}  [{_dims(volume.shape)}]  {counts}{extra}  {time.perf_counter() - start:.1f} s"
+    return line, "segmented"
+
+
+def _results_exist(job: Job, shape: tuple[int, ...]) -> bool:
+    """Whether all of the scan's results exist from an earlier run (readable, on the scan's grid), so it can be
+    skipped; None of them: False. Anything between is refused rather than overwritten."""
+    present = [path for path in job.outputs.values() if path.exists()]
+    if not present:
+        return False
+    for path in present:
+        try:
+            found = read_volume(path).shape
+        except MedNCAError as e:
+            raise MedNCAError(f"{path} exists but is not a readable volume ({e}); move it away, or add "
+                              "--overwrite to replace it") from None
+        if found != shape:
+            raise MedNCAError(f"{path} exists but is not a result of this scan (shape {_dims(found)}, the scan's "
+                              f"is {_dims(shape)}); move it away, or add --overwrite to replace it")
+    missing = [path for path in job.outputs.values() if path not in present]
+    if missing:
+        raise MedNCAError(f"{present[0]} exists but {missing[0]} does not (an earlier run made other results): "
+                          "add --overwrite to compute them all again")
+    return True
+
+
+def _dims(shape) -> str:
+    return "x".join(str(s) for s in shape)
 
 
 def _drive(gen, name: str):
@@ -188,7 +363,43 @@ def _drive(gen, name: str):
         return run_to_end(gen, show)
 
 
+def writable_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` when needed and write a file there, so a folder that cannot take the results is
+    reported before the work, not after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise MedNCAError(f"cannot use {folder} as the {what}: {blocking} is a file, not a folder") from None
+    except OSError as e:
+        raise MedNCAError(f"cannot write to the {what} {folder}: {e.strerror or e}") from None
+
+
+def new_file(path: Path, what: str, suffix: str | None = None) -> None:
+    """Check, before the work, that ``path`` can become a new file: right suffix, nothing there yet, a
+    writable folder."""
+    if suffix is not None and path.suffix != suffix:
+        raise MedNCAError(f"{what} must end in {suffix}, not {path.name!r}")
+    if path.is_dir():
+        raise MedNCAError(f"{what} {path} is a folder; give a file name")
+    if path.exists():
+        raise MedNCAError(f"{path} already exists; choose another name ({what} is never overwritten)")
+    writable_folder(path.parent, f"folder of {what}")
+
+
+def _os_text(error: OSError) -> str:
+    """An operating-system error as one line: the file and the system's reason."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{error.filename}: {reason}" if error.filename else reason
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
 def cmd_import(args) -> int:
+    new_file(args.output, "the model file", ".safetensors")
     model = load_model(args.directory)
     path = save_model(model, args.output)
     print(f"imported {args.directory} -> {path} ({model.n_parameters} parameters)")
@@ -218,11 +429,17 @@ def cmd_models(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- evaluate
+
+
 def cmd_evaluate(args) -> int:
-    if args.quality == 1 or args.quality < 0:
-        raise MedNCAError("--quality needs at least 2 runs")
-    if args.limit is not None and args.limit < 1:
-        raise MedNCAError("--limit needs at least 1 case")
+    reports = [path for path in (args.csv, args.json) if path is not None]
+    if len(reports) == 2 and args.csv.resolve() == args.json.resolve():
+        raise MedNCAError("--csv and --json name the same file")
+    for path in reports:
+        if path.is_dir():
+            raise MedNCAError(f"{path} is a folder; give a file name to write the report to")
+        writable_folder(path.parent, "report folder")
     model = load_model(args.model)
     recorded = model.provenance.get("validation_cases")
     if args.cases is None:
@@ -237,39 +454,57 @@ def cmd_evaluate(args) -> int:
     elif args.cases is None:
         print(f"the model records no validation cases: evaluating on {len(chosen)} cases, which may include "
               "cases it was trained on", file=sys.stderr)
-    gen = evaluate_iter(model, args.data, quality_runs=args.quality, seed=args.seed, cases=chosen,
-                        threads=args.threads)
+    threads = args.threads or default_threads()
+    rows, failed = [], {}
     with tqdm(total=len(chosen), unit="case", file=sys.stderr, leave=False) as bar:
-
-        def show(p):
-            bar.n = p.done
-            bar.set_description(p.stage)
-
-        report = run_to_end(gen, show)
-    report.meta["model"] = str(args.model)
-    print(report.table())
+        for case in chosen:  # one case at a time, so a case that fails costs only itself
+            bar.set_description(case)
+            try:
+                gen = evaluate_iter(model, args.data, quality_runs=args.quality, seed=args.seed, cases=[case],
+                                    threads=threads)
+                rows += run_to_end(gen).rows
+            except MedNCAError as e:
+                failed[case] = str(e).removeprefix(f"case {case}: ")
+            except MemoryError as e:
+                failed[case] = f"not enough memory ({str(e) or 'no detail'})"
+            except OSError as e:
+                failed[case] = _os_text(e)
+            bar.update(1)
+    meta = {"seed": args.seed, "model": str(args.model), "cases": cases, "failed": failed}
+    report = EvaluationReport(rows, tuple(model.config.class_names), args.quality, meta)
+    if rows:
+        print(report.table())
+    for case, reason in failed.items():
+        print(f"{case}: FAILED: {reason}")
+    if failed:
+        print(f"mednca: {len(failed)} of {len(chosen)} cases failed; the scores above are of the other "
+              f"{len(rows)}", file=sys.stderr)
     for path, write in ((args.csv, report.to_csv), (args.json, report.to_json)):
         if path is not None:
             print(f"wrote {write(path)}")
-    return 0
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------------ train
 
 
 def cmd_train(args) -> int:
     output = args.output
-    if output.suffix != ".safetensors":
-        raise MedNCAError(f"the model file must end in .safetensors, not {output.name!r}")
-    if output.exists():
-        raise MedNCAError(f"{output} already exists; choose another name (a trained model is never overwritten)")
+    new_file(output, "the model file", ".safetensors")
     checkpoint = args.checkpoint or output.with_suffix(".ckpt")
     if checkpoint.exists() and not args.resume:
         raise MedNCAError(f"a training checkpoint exists at {checkpoint}: add --resume to continue it, "
                           "or remove it to start afresh")
     if args.resume and not checkpoint.exists():
         print(f"no checkpoint at {checkpoint} yet: starting from iteration 0", file=sys.stderr)
+    _check_train_files(args, output, checkpoint)
+    every = args.checkpoint_every or max(1, min(500, args.iterations // 10))
     options = dict(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
-        seed=args.seed, eval_every=args.eval_every, checkpoint_path=checkpoint,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, best_path=args.best,
+        seed=args.seed, eval_every=args.eval_every, checkpoint_path=checkpoint, checkpoint_every=every,
+        resume=args.resume, best_path=args.best,
+        # a loss reported at every evaluation and checkpoint: divergence is seen before either saves weights
+        log_every=math.gcd(50, args.eval_every, every),
     )
     if args.init is not None:
         options["init_model"] = load_model(args.init)
@@ -285,7 +520,7 @@ def cmd_train(args) -> int:
     saved_at, at, dice = None, 0, None
     bar = tqdm(total=args.iterations, unit="it", file=sys.stderr, desc="training")
     try:
-        with torch_threads(args.threads):
+        with torch_threads(args.threads or default_threads()):
             while True:
                 try:
                     event = next(gen)
@@ -301,21 +536,27 @@ def cmd_train(args) -> int:
                     bar.set_postfix_str(_dice_text(dice), refresh=False)
                     tqdm.write(f"iteration {at}: validation Dice {_dice_text(dice)}", file=sys.stderr)
                 elif event.kind == "step":
+                    if not math.isfinite(event.loss):
+                        gen.close()
+                        raise _diverged(args, recipe, f"the loss became {event.loss} by iteration {at}",
+                                        checkpoint if saved_at is not None else None)
                     bar.set_postfix(loss=f"{event.loss:.4f}", dice=f"{dice['whole']:.3f}" if dice else "-",
                                     refresh=False)
                 bar.refresh()
     except KeyboardInterrupt:
         gen.close()
-        bar.close()
+        bar.close()  # before the lines below, so they are not drawn over
         print(f"mednca: training interrupted at iteration {at}; {output} was not written", file=sys.stderr)
         if saved_at is None:
-            print("no checkpoint was saved yet (one is saved every "
-                  f"{args.checkpoint_every} iterations)", file=sys.stderr)
+            print(f"no checkpoint was saved yet (one is saved every {every} iterations)", file=sys.stderr)
         else:
             print(f"the checkpoint {checkpoint} holds iteration {saved_at}; continue with:\n  "
                   f"{_resume_command(args, checkpoint)}", file=sys.stderr)
         return 130
-    bar.close()
+    finally:
+        bar.close()
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
+        raise _diverged(args, recipe, "the weights are no longer finite numbers", checkpoint)  # written by this run
     path = save_model(model, output)
     n_val = len(model.provenance.get("validation_cases", []))
     print(f"trained {args.iterations} iterations in {model.provenance.get('train_seconds', 0):.0f} s -> {path}")
@@ -324,6 +565,52 @@ def cmd_train(args) -> int:
     if n_val:
         print(f"native-resolution Dice on those cases: mednca evaluate {path} {args.data} --cases validation")
     return 0
+
+
+def _check_train_files(args, output: Path, checkpoint: Path) -> None:
+    """Every file training writes, checked before it starts: hours of training never end in a refused name."""
+    if checkpoint.resolve() == output.resolve():
+        raise MedNCAError(f"the checkpoint and the model would both be {output}: give --checkpoint another name")
+    if checkpoint.is_dir():
+        raise MedNCAError(f"the checkpoint {checkpoint} is a folder; give a file name")
+    writable_folder(checkpoint.parent, "folder of the checkpoint")
+    best = args.best
+    if best is None:
+        return
+    if args.val_fraction == 0:
+        raise MedNCAError("--best needs validation cases to choose the best model: set --val-fraction above 0")
+    if best.resolve() in (output.resolve(), checkpoint.resolve()):
+        raise MedNCAError(f"--best {best} names the same file as the model or the checkpoint: give another name")
+    if args.resume and checkpoint.exists() and best.exists():  # written by the run being continued
+        if best.suffix != ".safetensors":
+            raise MedNCAError(f"--best must end in .safetensors, not {best.name!r}")
+        return
+    new_file(best, "the best model (--best)", ".safetensors")
+
+
+def _diverged(args, recipe: Recipe, what: str, checkpoint: Path | None) -> MedNCAError:
+    """The error for a training whose numbers blew up. It removes the checkpoint this run wrote (None: it
+    wrote none), which only a run with the same learning rate could continue, into the same divergence, and
+    a --best model whose weights are no longer finite; a best model saved before the divergence is kept."""
+    removed = [p for p in (checkpoint,) if p is not None and p.exists()]
+    removed += [p for p in (args.best,) if p is not None and p.exists() and not _finite_file(p)]
+    for path in removed:
+        path.unlink()
+    lr = args.lr if args.lr is not None else recipe.lr
+    note = f"; removed {', '.join(map(str, removed))}, written by the diverged run" if removed else ""
+    return MedNCAError(f"training diverged ({what}); lower --lr (it was {lr:g}); {args.output} was not "
+                       f"written{note}")
+
+
+def _finite_file(path: Path) -> bool:
+    """Whether every floating-point tensor in a safetensors file (a model or a checkpoint) is finite."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return all(
+                torch.isfinite(t).all() for t in (f.get_tensor(k) for k in f.keys()) if t.is_floating_point()  # noqa: SIM118
+            )
+    except (SafetensorError, OSError):
+        return True  # not ours to judge, so not ours to remove
 
 
 def _dice_text(dice: dict[str, float]) -> str:
