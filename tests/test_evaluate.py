@@ -9,8 +9,10 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from mednca import cli
+from mednca import cli, evaluation
+from mednca.artefacts import scan_under
 from mednca.checkpoint import load_model_file, save_model
 from mednca.cli import main
 from mednca.data import dataset_config
@@ -224,6 +226,75 @@ def test_a_label_map_that_does_not_fit_its_scan_is_named(tiny_model, toy_dir):
     wrong.array = wrong.array[:, :, :3].copy()
     with pytest.raises(MedNCAError, match=r"case toy_001: .*shape"):
         evaluate(tiny_model, [(image, wrong)])
+
+
+# ------------------------------------------------------------------------------------------ artefacts
+
+
+def test_perturb_scores_each_case_clean_and_under_each_artefact(tiny_model, toy_dir, tmp_path):
+    progress = []
+    gen = evaluate_iter(tiny_model, toy_dir, seed=3, cases=["toy_001", "toy_002"], perturb=["noise", "inversion"])
+    report = run_to_end(gen, progress.append)
+    conditions = ("none", "noise", "inversion")
+    assert [(r.case, r.artefact) for r in report.rows] == [(c, a) for c in ("toy_001", "toy_002") for a in conditions]
+    assert progress[-1].done == progress[-1].total == 6
+    assert "toy_002 (inversion)" in {p.stage for p in progress}
+    for row in report.rows:  # what inference gives on the corrupted scan, scored against the untouched labels
+        image = read_volume(toy_dir / "imagesTr" / f"{row.case}.nii.gz")
+        labels = read_volume(toy_dir / "labelsTr" / f"{row.case}.nii.gz").array
+        scan = scan_under(image, row.case, row.artefact, 3)
+        assert (row.dice_whole, row.dice) == case_dice(segment(tiny_model, scan, seed=3).labels.array, labels,
+                                                       TINY.class_names)
+    clean = evaluate(tiny_model, toy_dir, seed=3, cases=["toy_001", "toy_002"])
+    assert [r.dice for r in clean.rows] == [r.dice for r in report.rows if r.artefact == "none"]
+    assert report.meta["perturb"] == ["noise", "inversion"]
+
+    groups = report.by_artefact()
+    assert list(groups) == list(conditions)
+    noise = [r.dice_whole for r in report.rows if r.artefact == "noise"]
+    assert groups["noise"].summary()["dice_whole"][0] == pytest.approx(np.mean(noise))
+    text = report.table()
+    assert "artefact" in text.splitlines()[0] and "2 cases x 3 conditions (none, noise, inversion)" in text
+    assert sum(line.startswith("mean ± std") for line in text.splitlines()) == 3
+
+    back = EvaluationReport.from_csv(report.to_csv(tmp_path / "p.csv"))
+    assert back.rows == report.rows
+    with open(tmp_path / "p.csv", newline="") as f:
+        assert next(csv.reader(f)) == ["case", "artefact", "dice_whole", "dice_a", "dice_b", "seconds"]
+    assert EvaluationReport.from_json(report.to_json(tmp_path / "p.json")).rows == report.rows
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["by_artefact"]["noise"]["summary"]["dice_whole"]["mean"] == pytest.approx(np.mean(noise))
+
+
+def test_perturbed_quality_maps_give_each_condition_its_nqm(tiny_model, toy_dir):
+    report = evaluate(tiny_model, toy_dir, quality_runs=2, cases=["toy_003"], perturb="blur", seed=1)
+    clean, blurred = report.rows
+    image = read_volume(toy_dir / "imagesTr" / "toy_003.nii.gz")
+    assert clean.nqm == pytest.approx(quality_map(tiny_model, image, 2, seed=1).nqm)
+    assert blurred.nqm == pytest.approx(quality_map(tiny_model, scan_under(image, "toy_003", "blur", 1), 2, seed=1).nqm)
+    assert "[blur]" in report.table()  # the NQM/Dice correlation is given per condition
+
+
+def test_every_model_is_shown_the_same_corrupted_scans(toy_dir, monkeypatch):
+    seen = []
+    real = evaluation.segment_iter
+
+    def spy(model, volume, **options):
+        seen.append(volume.array.copy())
+        return real(model, volume, **options)
+
+    monkeypatch.setattr(evaluation, "segment_iter", spy)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        evaluate(MedNCA(TINY), toy_dir, cases=["toy_001"], perturb=["motion", "spike"])
+    first, second = seen[:3], seen[3:]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not np.array_equal(first[1], first[2]) and not np.array_equal(first[0], first[1])
+
+
+def test_an_unknown_artefact_stops_the_evaluation_before_it_starts(tiny_model, toy_dir):
+    with pytest.raises(MedNCAError, match="unknown artefact 'smudge'; valid artefacts: ghosting"):
+        next(evaluate_iter(tiny_model, toy_dir, perturb=["noise", "smudge"]))
 
 
 # ---------------------------------------------------------------------------------------- command line

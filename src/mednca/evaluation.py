@@ -11,6 +11,11 @@ not, and with a handful of cases neither is reliable, so the number of cases is 
 
 A model trained with ``mednca.training`` records its validation cases; ``cases="validation"`` evaluates on
 exactly those, so a shipped model is scored on scans it never saw.
+
+With ``perturb`` (artefact names, see ``artefacts.py``) each case is scored clean and again under each
+artefact, one row per case and condition; the corrupted scans depend only on the seed, the case and the
+artefact, so every model evaluated with the same seed sees the same inputs. The report then summarises
+each condition separately.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .artefacts import CLEAN, parse_artefacts, scan_under
 from .data import data_pairs
 from .errors import MedNCAError
 from .inference import quality_iter, segment_iter
@@ -39,20 +45,23 @@ SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 @dataclass
 class CaseResult:
-    """One scan's scores. ``dice`` maps each class name to its Dice; ``nqm`` is None without a quality map."""
+    """One scan's scores. ``dice`` maps each class name to its Dice; ``nqm`` is None without a quality map;
+    ``artefact`` is the condition the scan was scored under ("none": as it is)."""
 
     case: str
     dice_whole: float
     dice: dict[str, float]
     nqm: float | None
     seconds: float
+    artefact: str = CLEAN
 
 
 @dataclass
 class EvaluationReport:
     """Per-case scores with their summary. ``columns`` are the numeric columns of the table, in order:
     ``dice_whole``, ``dice_<class>`` for every class of a multi-class model, ``nqm`` (when quality maps were
-    computed) and ``seconds``."""
+    computed) and ``seconds``. ``label_columns`` are the text columns before them: ``case``, and ``artefact``
+    when some rows were scored under an artefact."""
 
     rows: list[CaseResult]
     class_names: tuple[str, ...]
@@ -63,6 +72,28 @@ class EvaluationReport:
     def columns(self) -> list[str]:
         cols = ["dice_whole"] + [f"dice_{name}" for name in self._per_class()]
         return cols + (["nqm"] if self.has_quality else []) + ["seconds"]
+
+    @property
+    def label_columns(self) -> list[str]:
+        return ["case"] + (["artefact"] if self.perturbed else [])
+
+    @property
+    def perturbed(self) -> bool:
+        """Whether some rows were scored under an artefact (the report then has an ``artefact`` column)."""
+        return any(row.artefact != CLEAN for row in self.rows)
+
+    def artefacts(self) -> list[str]:
+        """The conditions in the report, in the order they first appear ("none" first when scored)."""
+        return list(dict.fromkeys(row.artefact for row in self.rows))
+
+    def by_artefact(self) -> dict[str, EvaluationReport]:
+        """One report per condition, holding its rows: its ``summary()`` and ``correlation()`` are that
+        condition's."""
+        return {
+            name: EvaluationReport([r for r in self.rows if r.artefact == name], self.class_names,
+                                   self.quality_runs, self.meta)
+            for name in self.artefacts()
+        }
 
     @property
     def has_quality(self) -> bool:
@@ -100,28 +131,44 @@ class EvaluationReport:
     # ---------------------------------------------------------------------------------------- output
 
     def table(self) -> str:
-        """The per-case table with mean ± std and the NQM/Dice correlation under it, for printing."""
-        head = ["case"] + self.columns
-        body = [[row.case] + [_fmt(col, _cell(row, col)) for col in self.columns] for row in self.rows]
-        summary = self.summary()
-        body.append(["mean ± std"] + [f"{_fmt(c, summary[c][0])} ± {_fmt(c, summary[c][1])}" for c in self.columns])
-        lines = _aligned([head, *body])
+        """The per-case table with mean ± std (per artefact, when there are artefacts) and the NQM/Dice
+        correlation under it, for printing."""
+        labels = self.label_columns
+        head = labels + self.columns
+        body = [[_text(row, col) for col in labels] + [_fmt(col, _cell(row, col)) for col in self.columns]
+                for row in self.rows]
+        groups = self.by_artefact() if self.perturbed else {"": self}
+        means = []
+        for name, group in groups.items():
+            summary = group.summary()
+            means.append(["mean ± std"] + ([name] if self.perturbed else [])
+                         + [f"{_fmt(c, summary[c][0])} ± {_fmt(c, summary[c][1])}" for c in self.columns])
+        lines = _aligned([head, *body, *means], len(labels))
         rule = "-" * len(lines[0])
-        lines = [lines[0], rule, *lines[1:-1], rule, lines[-1]]
-        lines.append(f"{len(self.rows)} case" + ("" if len(self.rows) == 1 else "s"))
+        lines = [lines[0], rule, *lines[1 : 1 + len(body)], rule, *lines[1 + len(body) :]]
+        cases = len({row.case for row in self.rows})
+        lines.append(f"{cases} case" + ("" if cases == 1 else "s")
+                     + (f" x {len(groups)} conditions ({', '.join(groups)})" if self.perturbed else ""))
         if self.has_quality:
-            c = self.correlation()
             runs = f" ({self.quality_runs} runs each)" if self.quality_runs else ""
-            lines.append(
-                f"NQM vs whole Dice over {c['n']} cases{runs}: Pearson {_signed(c['pearson'])}, "
-                f"Spearman {_signed(c['spearman'])} (negative: high NQM flags bad cases; n/a under 3 cases)"
-            )
+            meaning = "negative: high NQM flags bad cases; n/a under 3 cases"
+            for name, group in groups.items():
+                c = group.correlation()
+                lines.append(
+                    f"NQM vs whole Dice{f' [{name}]' if name else ''} over {c['n']} cases{runs}: Pearson "
+                    f"{_signed(c['pearson'])}, Spearman {_signed(c['spearman'])}"
+                    + ("" if self.perturbed else f" ({meaning})")
+                )
+            if self.perturbed:
+                lines.append(f"({meaning})")
         return "\n".join(lines)
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """One row per case (no summary rows, so the file loads straight into a data frame)."""
-        rows = [["case"] + self.columns]
-        rows += [[row.case] + [_csv_value(_cell(row, col)) for col in self.columns] for row in self.rows]
+        """One row per case and condition (no summary rows, so the file loads straight into a data frame)."""
+        labels = self.label_columns
+        rows = [labels + self.columns]
+        rows += [[_text(row, col) for col in labels] + [_csv_value(_cell(row, col)) for col in self.columns]
+                 for row in self.rows]
         return _atomic_write(path, lambda f: csv.writer(f, lineterminator="\n").writerows(rows))
 
     def to_json(self, path: str | os.PathLike) -> Path:
@@ -131,18 +178,26 @@ class EvaluationReport:
             "quality_runs": self.quality_runs,
             "meta": self.meta,
             "rows": [
-                {"case": r.case, "dice_whole": r.dice_whole, "dice": r.dice, "nqm": r.nqm, "seconds": r.seconds}
+                {"case": r.case, "artefact": r.artefact, "dice_whole": r.dice_whole, "dice": r.dice, "nqm": r.nqm,
+                 "seconds": r.seconds}
                 for r in self.rows
             ],
-            "summary": {k: {"mean": _json_num(m), "std": _json_num(s)} for k, (m, s) in self.summary().items()},
+            "summary": _json_summary(self),
             "correlation": {k: _json_num(v) for k, v in self.correlation().items()},
         }
+        if self.perturbed:
+            doc["by_artefact"] = {
+                name: {"summary": _json_summary(group),
+                       "correlation": {k: _json_num(v) for k, v in group.correlation().items()}}
+                for name, group in self.by_artefact().items()
+            }
         return _atomic_write(path, lambda f: json.dump(doc, f, indent=2))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> EvaluationReport:
         doc = json.loads(Path(path).read_text())
-        rows = [CaseResult(r["case"], r["dice_whole"], r["dice"], r["nqm"], r["seconds"]) for r in doc["rows"]]
+        rows = [CaseResult(r["case"], r["dice_whole"], r["dice"], r["nqm"], r["seconds"], r.get("artefact", CLEAN))
+                for r in doc["rows"]]
         return cls(rows, tuple(doc["class_names"]), doc["quality_runs"], doc.get("meta", {}))
 
     @classmethod
@@ -159,7 +214,7 @@ class EvaluationReport:
             whole = float(rec["dice_whole"])
             dice = {n: float(rec[f"dice_{n}"]) for n in named} or {names[0]: whole}
             nqm = float(rec["nqm"]) if rec.get("nqm") else None
-            rows.append(CaseResult(rec["case"], whole, dice, nqm, float(rec["seconds"])))
+            rows.append(CaseResult(rec["case"], whole, dice, nqm, float(rec["seconds"]), rec.get("artefact") or CLEAN))
         return cls(rows, names)
 
 
@@ -229,45 +284,55 @@ def evaluate_iter(
     seed: int = 0,
     cases: str | Sequence[str] | None = None,
     threads: int | None = None,
+    perturb: Sequence[str] = (),
 ) -> Generator[Progress, None, EvaluationReport]:
     """Score ``model`` on labelled scans; yields ``Progress`` and returns the report.
 
-    ``Progress.done`` counts finished cases and ``stage`` names the case being worked on; while a case runs,
-    progress is also yielded after every chunk of slices (``done`` unchanged), so stopping the iteration
-    cancels within seconds, not only between cases.
+    ``Progress.done`` counts finished scorings (cases, times conditions with ``perturb``) and ``stage`` names
+    the case being worked on (and its artefact); while one runs, progress is also yielded after every chunk
+    of slices (``done`` unchanged), so stopping the iteration cancels within seconds, not only between cases.
 
     ``data``: a Decathlon task folder, or a list of (image, label) pairs given as paths or Volumes.
     ``cases``: None or "all" for every case, "validation" for the model's recorded validation cases, or a
     list of case ids (file names without extension, e.g. "hippocampus_374"). With ``quality_runs >= 2``
     each case gets a quality map of that many runs: its NQM is reported and its labels (from the mean
     probability) are scored; otherwise the plain segmentation is scored. Stopping the iteration cancels.
+    ``perturb``: artefact names (``artefacts.ARTEFACTS``, or "all"): each case is scored clean and then under
+    each of them, the artefact seeded by (``seed``, case, artefact) only, so every model gets the same scans.
     """
     if quality_runs == 1 or quality_runs < 0:
         raise MedNCAError(f"a quality map needs at least 2 runs (or 0 for none), got {quality_runs}")
+    conditions = (CLEAN, *parse_artefacts(perturb))
     chosen = select_cases(model, data_pairs(data), cases)
     if not chosen:
         raise MedNCAError("no cases selected to evaluate")
     names = model.config.class_names
     rows: list[CaseResult] = []
-    yield Progress(0, len(chosen), "evaluate")
-    for done, (case, image, label) in enumerate(chosen, start=1):
-        start = time.perf_counter()
+    total = len(chosen) * len(conditions)
+    yield Progress(0, total, "evaluate")
+    for case, image, label in chosen:
         try:
             volume = image if isinstance(image, Volume) else read_volume(image)
             labels = check_labels(label if isinstance(label, Volume) else read_volume(label), volume)
         except MedNCAError as e:
             raise MedNCAError(f"case {case}: {e}") from None
-        opts = dict(seed=seed, threads=threads)
-        if quality_runs >= 2:
-            work = quality_iter(model, volume, quality_runs, **opts)
-        else:
-            work = segment_iter(model, volume, **opts)
-        result = yield from _as_case_progress(work, done - 1, len(chosen), case)
-        nqm = result.nqm if quality_runs >= 2 else None
-        whole, per_class = case_dice(result.labels.array, labels, names)
-        rows.append(CaseResult(case, whole, per_class, nqm, time.perf_counter() - start))
-        yield Progress(done, len(chosen), case)
+        for artefact in conditions:
+            start = time.perf_counter()
+            stage = case if artefact == CLEAN else f"{case} ({artefact})"
+            scan = scan_under(volume, case, artefact, seed)
+            opts = dict(seed=seed, threads=threads)
+            if quality_runs >= 2:
+                work = quality_iter(model, scan, quality_runs, **opts)
+            else:
+                work = segment_iter(model, scan, **opts)
+            result = yield from _as_case_progress(work, len(rows), total, stage)
+            nqm = result.nqm if quality_runs >= 2 else None
+            whole, per_class = case_dice(result.labels.array, labels, names)
+            rows.append(CaseResult(case, whole, per_class, nqm, time.perf_counter() - start, artefact))
+            yield Progress(len(rows), total, stage)
     meta = {"seed": seed, "model": model.provenance.get("source", ""), "cases": _describe(cases)}
+    if len(conditions) > 1:
+        meta["perturb"] = list(conditions[1:])
     return EvaluationReport(rows, tuple(names), quality_runs, meta)
 
 
@@ -317,6 +382,10 @@ def _describe(cases) -> str | list[str]:
 # ------------------------------------------------------------------------------------------- helpers
 
 
+def _text(row: CaseResult, column: str) -> str:
+    return row.case if column == "case" else row.artefact
+
+
 def _cell(row: CaseResult, column: str) -> float | None:
     if column == "dice_whole":
         return row.dice_whole
@@ -327,12 +396,12 @@ def _cell(row: CaseResult, column: str) -> float | None:
     return row.dice.get(column.removeprefix("dice_"))
 
 
-def _aligned(rows: list[list[str]]) -> list[str]:
-    """Rows of cells as text columns: the first left-aligned, the numbers right-aligned."""
+def _aligned(rows: list[list[str]], text_columns: int = 1) -> list[str]:
+    """Rows of cells as text columns: the first ``text_columns`` left-aligned, the numbers right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for r in rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        cells = [c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
         lines.append("  ".join(cells))
     return lines
 
@@ -353,6 +422,10 @@ def _signed(value: float) -> str:
 
 def _csv_value(value) -> str:
     return "" if value is None else repr(float(value))
+
+
+def _json_summary(report: EvaluationReport) -> dict:
+    return {k: {"mean": _json_num(m), "std": _json_num(s)} for k, (m, s) in report.summary().items()}
 
 
 def _json_num(value):
