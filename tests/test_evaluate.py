@@ -315,6 +315,20 @@ def test_cli_evaluate_prints_the_table_and_writes_reports(tiny_model, toy_dir, t
     assert "records no validation cases" in captured.err  # said aloud: these may be training cases
 
 
+def test_cli_evaluate_scores_every_case_under_the_artefacts_asked_for(tiny_model, toy_dir, tmp_path, capsys):
+    path = save_model(tiny_model, tmp_path / "tiny.safetensors")
+    base = ["evaluate", str(path), str(toy_dir), "--cases", "toy_001"]
+    assert main([*base, "--perturb", "noise,blur", "--csv", str(tmp_path / "p.csv")]) == 0
+    assert "1 case x 3 conditions (none, noise, blur)" in capsys.readouterr().out
+    rows = EvaluationReport.from_csv(tmp_path / "p.csv").rows
+    assert [(r.case, r.artefact) for r in rows] == [("toy_001", "none"), ("toy_001", "noise"), ("toy_001", "blur")]
+    assert main([*base, "--perturb", "all"]) == 0
+    assert "1 case x 9 conditions" in capsys.readouterr().out
+    assert main([*base, "--perturb", "noise,smudge", "--csv", str(tmp_path / "q.csv")]) == 1
+    assert "mednca: error: unknown artefact 'smudge'; valid artefacts: ghosting" in capsys.readouterr().err
+    assert not (tmp_path / "q.csv").exists()
+
+
 def test_cli_reports_a_bad_folder_clearly(tiny_model, tmp_path, capsys):
     path = save_model(tiny_model, tmp_path / "tiny.safetensors")
     assert main(["evaluate", str(path), str(tmp_path / "missing")]) == 1

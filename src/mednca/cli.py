@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from .artefacts import ARTEFACTS, parse_artefacts
 from .batch import Job, find_scans, plan
 from .checkpoint import read_metadata, save_model
 from .data import data_pairs
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0,
                    help="seed of the model's random cell updates: the same seed gives the same scores")
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
+    p.add_argument("--perturb", default="", metavar="A,B,...|all",
+                   help="also score every case under these MRI artefacts (fixed strengths, the same scans for every "
+                        f"model): {', '.join(ARTEFACTS)}, or all")
 
     p = command("train", "train a model on a labelled Decathlon task folder", TRAIN_EXAMPLES, cmd_train)
     p.add_argument("data", type=Path, help="Decathlon task folder (dataset.json, imagesTr/, labelsTr/)")
@@ -433,6 +437,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    perturb = parse_artefacts(args.perturb)
     reports = [path for path in (args.csv, args.json) if path is not None]
     if len(reports) == 2 and args.csv.resolve() == args.json.resolve():
         raise MedNCAError("--csv and --json name the same file")
@@ -461,7 +466,7 @@ def cmd_evaluate(args) -> int:
             bar.set_description(case)
             try:
                 gen = evaluate_iter(model, args.data, quality_runs=args.quality, seed=args.seed, cases=[case],
-                                    threads=threads)
+                                    threads=threads, perturb=perturb)
                 rows += run_to_end(gen).rows
             except MedNCAError as e:
                 failed[case] = str(e).removeprefix(f"case {case}: ")
