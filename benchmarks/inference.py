@@ -1,21 +1,19 @@
 """Inference speed and memory on this machine, as ratios measured side by side in one run.
 
-    python benchmarks/inference.py [--shared ../shared] [--repeats 3] [--skip-large]
+    python benchmarks/inference.py [--shared ../shared] [--repeats 3]
 
 For hippocampus_374 (39 slices, 16 steps at 16x16 then 16 at 64x64) with the authors' model imported:
 ms per slice-step per level, per slice and per volume at 1 and 2 threads, the 10-run quality map, the
 achieved rate in GFLOP/s of the plain algorithm's arithmetic against this machine's float32 matmul peak
 measured in the same run, and the speed-up over a plain implementation of the authors' operations
 (channels-last state, transposes, concatenation, dense layers on every cell, written below as the baseline).
-A synthetic 512x512x200 volume is segmented in a child process to report its peak memory.
+Peak memory of a large scan is measured by benchmarks/memory.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mednca.inference import CHUNK, quality_iter, segment, segment_iter, torch_threads
+from mednca.inference import CHUNK, quality_iter, segment, torch_threads
 from mednca.model import MedNCA
 from mednca.preprocess import prepare_slices
 from mednca.registry import load_model
-from mednca.volume import Volume, image_array, read_volume
+from mednca.volume import image_array, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 MACS_PER_CELL_STEP = 2 * 32 * 32 * 9 + 96 * 128 + 128 * 32  # 34,816: two 3x3 convs, fc0, fc1
@@ -111,39 +109,11 @@ def run_levels(model: MedNCA, inputs: torch.Tensor, level: int) -> float:
     return time.perf_counter() - start
 
 
-def large_volume_child() -> None:
-    """Segment a synthetic 512x512x200 scan and print peak RSS (run in its own process)."""
-    model = load_model(str(REPO.parent / "shared" / "reference" / "mednca_hippocampus"))
-    rng = np.random.default_rng(0)
-    data = rng.normal(100, 20, size=(512, 512, 200)).astype(np.float32)
-    volume = Volume(data, np.eye(4))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
-    from tqdm import tqdm
-
-    gen = segment_iter(model, volume, threads=2)
-    with tqdm(total=200, desc="512x512x200", unit="slice", file=sys.stderr) as bar:
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration:
-                break
-            bar.update(p.done - bar.n)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": peak, "before_mb": base}))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-large", action="store_true")
-    parser.add_argument("--large-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.large_child:
-        large_volume_child()
-        return
     ref = args.shared / "reference" / "mednca_hippocampus"
     scan = args.shared / "data" / "hippocampus" / "imagesTr" / "hippocampus_374.nii.gz"
     if not ref.is_dir() or not scan.is_file():
@@ -188,11 +158,6 @@ def main() -> None:
         print(f"10-run quality map                   {t_q * 1000:8.0f} ms = {t_q / t_ours:.1f}x one run")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process: {rss:.0f} MB")
-    if not args.skip_large:
-        out = subprocess.run([sys.executable, __file__, "--large-child"], capture_output=True, text=True, check=True)
-        large = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"512x512x200 synthetic volume, 2 threads: {large['seconds']:.1f} s,"
-              f" peak RSS {large['peak_mb']:.0f} MB (the scan alone is 200 MB)")
 
 
 def _drain(gen):

@@ -89,22 +89,23 @@ def slice_generators(seed: int, run: int, slices: Sequence[int]) -> list[torch.G
 
 @dataclass(frozen=True)
 class SliceGeometry:
-    """Where the model's slices lie in the scan: the reorientation, the slice axis on both sides, and the
-    native size of a slice in the model's orientation."""
+    """Where the model's slices lie in the scan: the reorientation, the slice axis on both sides, the scan's
+    shape and the native size of a slice in the model's orientation."""
 
     reorientation: Reorientation
     scan_axis: int
     model_axis: int
+    shape: tuple[int, int, int]
     native: tuple[int, int]
 
     def model_index(self, scan_index: int, n: int) -> int:
         """Slice ``scan_index`` of the scan (``n`` slices) in the model's order; the mapping is its own inverse."""
         return n - 1 - scan_index if self.reorientation.reversed(self.scan_axis) else scan_index
 
-    def to_scan(self, model_space: np.ndarray) -> np.ndarray:
-        """``[K, S, H, W]`` slices in model space -> ``[K, *scan layout]`` float32, contiguous."""
-        oriented = np.moveaxis(model_space, 1, self.model_axis + 1)
-        return np.ascontiguousarray(self.reorientation.to_scan(oriented), dtype=np.float32)
+    def slices_of(self, scan_array: np.ndarray) -> np.ndarray:
+        """A writable view ``[K, S, H, W]`` of a ``[K, *scan layout]`` array, in the model's slice order:
+        results are written straight into their final place, with no full-size temporary."""
+        return np.moveaxis(self.reorientation.to_model(scan_array), self.model_axis + 1, 1)
 
 
 def slice_axis(model: MedNCA, volume: Volume) -> int:
@@ -131,7 +132,7 @@ def _model_inputs(model: MedNCA, volume: Volume, axis: int | None) -> tuple[torc
             prepare_slices(torch.from_numpy(np.ascontiguousarray(slices[i : i + 64])), cfg.input_size, prep)
             for i in range(0, len(slices), 64)
         ])
-    return inputs, SliceGeometry(reorientation, scan_axis, model_axis, tuple(slices.shape[1:]))
+    return inputs, SliceGeometry(reorientation, scan_axis, model_axis, volume.shape, tuple(slices.shape[1:]))
 
 
 def _outputs(model: MedNCA, state: torch.Tensor) -> torch.Tensor:
@@ -152,10 +153,23 @@ def _run_chunks(model, inputs, items, seed, steps, fire_rate, stage) -> Generato
     return out
 
 
-def _to_native(prob: torch.Tensor, geometry: SliceGeometry) -> np.ndarray:
-    """Model-space ``[S, K, h, w]`` -> ``[K, *scan layout]`` float32, restored chunk by chunk."""
-    parts = [restore_slices(prob[i : i + 64], geometry.native) for i in range(0, prob.shape[0], 64)]
-    return geometry.to_scan(torch.cat(parts).permute(1, 0, 2, 3).numpy())  # [K, S, H, W] -> scan layout
+def _to_native(
+    prob: torch.Tensor, geometry: SliceGeometry, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """Model-space ``[S, K, h, w]`` -> ``[K, *scan layout]`` float32, restored ``CHUNK`` slices at a time
+    into the final array; with ``labels`` (uint8, scan layout), their labels are written there as well.
+    ``S`` may be fewer slices than the scan has (recorded growth): the scan axis then holds ``S``."""
+    shape = list(geometry.shape)
+    shape[geometry.scan_axis] = prob.shape[0]
+    out = np.empty((prob.shape[1], *shape), np.float32)
+    target = geometry.slices_of(out)
+    label_target = None if labels is None else geometry.slices_of(labels[None])[0]
+    for i in range(0, prob.shape[0], CHUNK):
+        part = restore_slices(prob[i : i + CHUNK], geometry.native).permute(1, 0, 2, 3).numpy()  # [K, n, H, W]
+        target[:, i : i + part.shape[1]] = part
+        if label_target is not None:
+            label_target[i : i + part.shape[1]] = labels_from_probabilities(part)
+    return out
 
 
 def labels_from_probabilities(prob: np.ndarray) -> np.ndarray:
@@ -183,10 +197,11 @@ def segment_iter(
         inputs, geometry = _model_inputs(model, volume, axis)
     items = [(0, s) for s in range(inputs.shape[0])]
     prob = yield from _threaded(_run_chunks(model, inputs, items, seed, steps, fire_rate, "segment"), threads)
+    labels = np.empty(volume.shape, np.uint8)
     with torch_threads(threads):
-        native_prob = _to_native(prob, geometry)
+        native_prob = _to_native(prob, geometry, labels)
     return Segmentation(
-        labels=volume.like(labels_from_probabilities(native_prob)),
+        labels=volume.like(labels),
         probabilities=native_prob,
         class_names=model.config.class_names,
         axis=geometry.scan_axis,
@@ -222,14 +237,15 @@ def quality_iter(
     slice_nqm = slice_nqm[[geometry.model_index(i, n) for i in range(n)]]  # in the scan's slice order
     total = float(mean.sum())
     nqm = float(std.sum()) / total if total > 0 else 0.0
+    labels = np.empty(volume.shape, np.uint8)
     with torch_threads(threads):
-        native_mean = _to_native(mean, geometry)
+        native_mean = _to_native(mean, geometry, labels)
         native_std = _to_native(std, geometry)
     flagged = [int(i) for i in np.argsort(-slice_nqm, kind="stable") if slice_nqm[i] > nqm_threshold]
     return QualityReport(
         mean=native_mean,
         std=native_std,
-        labels=volume.like(labels_from_probabilities(native_mean)),
+        labels=volume.like(labels),
         nqm=nqm,
         slice_nqm=slice_nqm,
         flagged_slices=flagged,
@@ -263,8 +279,8 @@ def record_growth(
     if any(not 0 <= s < n for s in chosen):
         raise ValueError(f"slices must lie in 0..{n - 1} along axis {geometry.scan_axis}, got {chosen}")
     in_model = [geometry.model_index(s, n) for s in chosen]
-    # the model's reversal of the slice axis would reverse the chosen slices too: undo it on the way back
-    order = slice(None, None, -1) if geometry.reorientation.reversed(geometry.scan_axis) else slice(None)
+    # a model whose slice axis runs the other way would hand the chosen slices back reversed
+    reverse = geometry.reorientation.reversed(geometry.scan_axis)
     k, kout = model.config.input_channels, model.config.output_channels
     gens = slice_generators(seed, 0, in_model)
     states = model.iter_states(inputs[in_model], gens, steps, fire_rate)
@@ -275,8 +291,7 @@ def record_growth(
                 return
             level, step, state = item
             prob = _to_native(_outputs(model, state), geometry)
-            prob = np.ascontiguousarray(np.moveaxis(np.moveaxis(prob, geometry.scan_axis + 1, 0)[order], 0,
-                                                    geometry.scan_axis + 1))
+            prob = np.ascontiguousarray(np.flip(prob, geometry.scan_axis + 1)) if reverse else prob
             extra = state[:, k + kout :].permute(1, 0, 2, 3).clone().numpy() if hidden else None
         yield GrowthFrame(level, step, prob, extra)
 
