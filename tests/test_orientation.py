@@ -174,3 +174,19 @@ def test_training_cases_are_brought_to_the_model_orientation():
     pir = load_cases([(reoriented(image, "PIR"), reoriented(labels, "PIR"))])[0]
     np.testing.assert_array_equal(pir.image, ras.image)
     np.testing.assert_array_equal(pir.labels, ras.labels)
+
+
+def test_the_command_line_segments_a_reoriented_scan_and_the_chosen_plane(tmp_path, case, canonical, model):
+    from mednca.cli import main
+
+    image, _ = case
+    lps = write_volume(reoriented(image, "LPS"), tmp_path / "lps.nii.gz")
+    assert main(["segment", str(lps), "-o", str(tmp_path / "out"), "--threads", "1"]) == 0
+    labels = read_volume(tmp_path / "out" / "lps_seg.nii.gz")
+    back = Reorientation.between(labels.affine, "RAS").to_model(labels.array)
+    np.testing.assert_array_equal(back, canonical.labels.array)
+
+    assert main(["segment", str(lps), "-o", str(tmp_path / "coronal"), "--plane", "coronal", "--threads", "1"]) == 0
+    coronal = read_volume(tmp_path / "coronal" / "lps_seg.nii.gz").array
+    expected = segment(model, read_volume(lps), axis=1, seed=0).labels.array  # LPS: axis 1 runs P, coronal slices
+    np.testing.assert_array_equal(coronal, expected)

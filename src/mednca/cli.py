@@ -29,6 +29,7 @@ from .data import data_pairs
 from .errors import MedNCAError
 from .evaluation import EvaluationReport, evaluate_iter, select_cases
 from .inference import quality_iter, segment_iter, torch_threads
+from .orientation import PLANE_NAMES, axis_codes, axis_of_plane
 from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve
 from .threads import default_threads
@@ -202,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(std) is written as NAME_std.nii.gz, with the NQM score; 0 makes none")
     p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0,
                    help="seed of the model's random cell updates: the same seed gives the same labels")
-    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=None, help="slice axis (default: the model's)")
+    p.add_argument("--plane", choices=PLANE_NAMES, default=None,
+                   help="the plane to segment slice by slice (default: the one the model was trained on; the "
+                        "scan's orientation is read from its file)")
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="recompute scans whose results exist and replace those files (without it they are skipped)")
@@ -311,7 +314,8 @@ def _segment_one(model, job: Job, args, threads: int) -> tuple[str, str]:
     if not args.overwrite and _results_exist(job, volume.shape):
         shown = ", ".join(str(p) for p in job.outputs.values())
         return f"{job.scan}: skipped, its results exist ({shown})", "skipped"
-    opts = dict(axis=args.axis, seed=args.seed, threads=threads)
+    axis = None if args.plane is None else axis_of_plane(axis_codes(volume.affine), args.plane)
+    opts = dict(axis=axis, seed=args.seed, threads=threads)
     if args.quality:
         gen = quality_iter(model, volume, args.quality, **opts)
     else:
