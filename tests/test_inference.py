@@ -17,6 +17,7 @@ from mednca.inference import (
 )
 from mednca.model import MedNCA, NCAConfig
 from mednca.progress import run_to_end
+from mednca.quality import QualityCriteria
 from mednca.volume import Volume
 
 
@@ -89,12 +90,14 @@ def test_growth_rejects_slices_outside_the_volume(tiny_model, volume):
 
 
 def test_quality_map_measures_disagreement_between_runs(tiny_model, volume):
-    report = quality_map(tiny_model, volume, runs=4, seed=2, nqm_threshold=0.0)
+    report = quality_map(tiny_model, volume, runs=4, seed=2, criteria=QualityCriteria(slice_check=1e-9))
     assert report.mean.shape == report.std.shape == (2, *volume.shape)
     assert report.std.max() > 0 and report.std.min() >= 0
-    expected = report.slice_nqm
-    assert report.flagged_slices == sorted(report.flagged_slices, key=lambda s: -expected[s])
-    assert report.nqm > 0 and len(report.slice_nqm) == volume.shape[2]
+    scores = report.slice_scores
+    assert report.flagged_slices == sorted(report.flagged_slices, key=lambda s: -scores[s])
+    assert set(report.flagged_slices) == {i for i, s in enumerate(scores) if s > 1e-9}
+    assert report.nqm > 0 and len(report.slice_nqm) == len(scores) == volume.shape[2]
+    assert report.nqm == pytest.approx(report.slice_std.sum() / report.slice_mass.sum())
     with pytest.raises(ValueError, match="2 runs"):
         next(quality_iter(tiny_model, volume, runs=1))
 

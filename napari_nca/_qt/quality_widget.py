@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
 
-from mednca.inference import DEFAULT_NQM_THRESHOLD, quality_iter
+from mednca.inference import quality_iter
 
 from .._layers import layer_kwargs, scan_layers, show_slices_along, slice_world_position
 from ._common import ModelPicker, ProgressPanel, run_worker, scan_and_model
@@ -87,9 +87,11 @@ class QualityWidget(QWidget):
             self.viewer.add_image(std, name=layer_name, colormap="inferno", blending="additive",
                                   contrast_limits=(0.0, max(float(std.max()), 1e-6)), **kwargs)
         show_slices_along(self.viewer, report.axis)
+        volumes = ", ".join(v.text() for v in report.volumes)
         self.summary.setText(
+            f"{report.verdict.headline.upper()}: {report.verdict.text()}\n"
             f"NQM {report.nqm:.3f} over {report.runs} runs (lower is more trustworthy); "
-            f"{len(report.flagged_slices)} slice(s) above {DEFAULT_NQM_THRESHOLD}"
+            f"{len(report.flagged_slices)} slice(s) worth checking\nvolumes: {volumes}"
         )
         self._plot(report)
         self._list_slices(report)
@@ -97,19 +99,19 @@ class QualityWidget(QWidget):
     def _plot(self, report):
         self.figure.clear()
         ax = self.figure.add_subplot()
-        ax.plot(report.slice_nqm, color="tab:orange", lw=1.2)
-        ax.axhline(DEFAULT_NQM_THRESHOLD, color="grey", ls="--", lw=0.8)
+        ax.plot(report.slice_scores, color="tab:orange", lw=1.2)
+        ax.axhline(report.criteria.slice_check, color="grey", ls="--", lw=0.8)
         ax.set_xlabel(f"slice along axis {report.axis}", fontsize=8)
-        ax.set_ylabel("NQM", fontsize=8)
+        ax.set_ylabel("uncertainty", fontsize=8)
         ax.tick_params(labelsize=7)
         self.canvas.draw_idle()
 
     def _list_slices(self, report):
         self.slices.clear()
-        shown = report.flagged_slices or [int(i) for i in np.argsort(-report.slice_nqm, kind="stable")[:TOP_SLICES]]
+        shown = report.flagged_slices or [int(i) for i in np.argsort(-report.slice_scores, kind="stable")[:TOP_SLICES]]
         for index in shown:
-            flag = " (flagged)" if index in report.flagged_slices else ""
-            item = QListWidgetItem(f"slice {index}: NQM {report.slice_nqm[index]:.3f}{flag}")
+            flag = " (worth checking)" if index in report.flagged_slices else ""
+            item = QListWidgetItem(f"slice {index}: uncertainty {report.slice_scores[index]:.2f}{flag}")
             item.setData(Qt.UserRole, index)
             self.slices.addItem(item)
 
