@@ -39,7 +39,7 @@ import mednca
 from mednca.artefacts import ARTEFACTS, CLEAN, parse_artefacts, scan_under
 from mednca.data import data_pairs
 from mednca.evaluation import case_dice, select_cases, spearman
-from mednca.inference import DEFAULT_NQM_THRESHOLD, QualityReport, quality_map
+from mednca.inference import QualityReport, quality_map
 from mednca.model import MedNCA
 from mednca.registry import DEFAULT_MODEL, load_model
 from mednca.volume import check_labels, read_volume
@@ -65,8 +65,17 @@ COLUMNS = {
     "voxels_std_gt_0.2": "voxels whose std (max over classes) exceeds 0.2",
     "slice_nqm_max": "largest per-slice NQM", "slice_nqm_mean": "mean per-slice NQM over all slices",
     "slice_nqm_p90": "90th percentile of the per-slice NQM",
-    "flagged_slices": f"slices with NQM above {DEFAULT_NQM_THRESHOLD} (the engine's flagging threshold)",
-    "slices": "slices along the model's axis", "seconds": "time for the quality map and scoring",
+    "flagged_slices": "slices the engine flags as worth checking (the model's own criteria)",
+    "slices": "slices along the model's axis",
+    "verdict": "the engine's verdict with the model's criteria when the row was computed",
+    "scattered": "share of labelled voxels outside the largest connected piece",
+    "volume_ml": "whole volume shown (mL)", "volume_ml_true": "whole volume of the reference labels (mL)",
+    "run_volumes_ml": "whole volume of each single run (mL), JSON list",
+    "slice_std": "per slice (scan order along the model's axis): sum of std in model space, JSON list",
+    "slice_mass": "per slice: sum of the mean probability in model space, JSON list",
+    "slice_dice": "per slice: whole Dice (NaN where neither prediction nor reference has a voxel), JSON list",
+    "slice_errors": "per slice: voxels where prediction and reference disagree, JSON list",
+    "seconds": "time for the quality map and scoring",
 }
 
 
@@ -102,9 +111,21 @@ def case_row(q: QualityReport, labels: np.ndarray, names: tuple[str, ...], voxel
         "voxels_std_gt_0.1": int((std_max > 0.1).sum()), "voxels_std_gt_0.2": int((std_max > 0.2).sum()),
         "slice_nqm_max": float(slice_nqm.max()), "slice_nqm_mean": float(slice_nqm.mean()),
         "slice_nqm_p90": float(np.percentile(slice_nqm, 90)), "flagged_slices": len(q.flagged_slices),
-        "slices": int(slice_nqm.size),
+        "slices": int(slice_nqm.size), "verdict": q.verdict.level, "scattered": q.scattered,
+        "volume_ml": q.volumes[-1].ml, "volume_ml_true": int((labels > 0).sum()) * voxel_mm3 / 1000,
+        "run_volumes_ml": json.dumps([round(float(v) * voxel_mm3 / 1000, 4) for v in q.run_counts.sum(1)]),
+        "slice_std": _json_list(q.slice_std), "slice_mass": _json_list(q.slice_mass),
     })
+    pred_s, true_s = np.moveaxis(labelled, q.axis, 0), np.moveaxis(labels > 0, q.axis, 0)
+    inter = (pred_s & true_s).sum((1, 2))
+    sizes = pred_s.sum((1, 2)) + true_s.sum((1, 2))
+    row["slice_dice"] = _json_list(np.where(sizes > 0, 2 * inter / np.maximum(sizes, 1), np.nan))
+    row["slice_errors"] = json.dumps((pred_s ^ true_s).sum((1, 2)).tolist())
     return row
+
+
+def _json_list(values: np.ndarray) -> str:
+    return json.dumps([None if not np.isfinite(v) else round(float(v), 4) for v in values])
 
 
 # ------------------------------------------------------------------------------------------ results files

@@ -145,7 +145,7 @@ def scattered_share(labels: np.ndarray) -> float:
         return 0.0
     pieces, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     largest = np.bincount(pieces.ravel())[1:].max() if n else 0
-    return 1.0 - largest / total
+    return float(1.0 - largest / total)
 
 
 def slice_scores(slice_std: np.ndarray, slice_mass: np.ndarray) -> np.ndarray:
