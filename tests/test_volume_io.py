@@ -189,7 +189,7 @@ def test_only_temporary_folders_of_writers_that_no_longer_run_are_removed(tmp_pa
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    prefix = volume_module._temp_prefix()  # this host, this process
+    prefix = volume_module.temp_prefix()  # this host, this process
     stale = tmp_path / prefix.replace(f"-{os.getpid()}-", f"-{ended.pid}-")
     live = tmp_path / f"{prefix}abc"
     other_host = tmp_path / f".mednca-tmp-elsewhere-{ended.pid}-abc"

@@ -6,7 +6,8 @@ same corrupted scans. The strengths are severe but seen in clinical scans, chose
 hippocampus crops (1 mm voxels, about 35 x 50 x 35 mm) so that, across cases, the shipped model's Dice
 ranges from unharmed to failed (single runs on three held-out cases, clean 0.88-0.90: ghosting 0.55-0.79,
 motion 0.16-0.73, spike 0.79-0.83, noise 0.75-0.85, blur 0.81-0.83, anisotropy 0.84-0.87, bias field
-unchanged; milder settings left every Dice within 0.01 of clean and could not test a quality verdict). TorchIO draws from each range with the seeded generator (the axis too, where
+unchanged; milder settings left every Dice within 0.01 of clean and could not test a quality verdict).
+TorchIO draws from each range with the seeded generator (the axis too, where
 there is a choice), so seeds differ in where and how, not in how strong.
 
 ==========  ==========================================================================================

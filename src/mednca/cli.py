@@ -29,9 +29,10 @@ from .data import data_pairs
 from .errors import MedNCAError
 from .evaluation import EvaluationReport, evaluate_iter, select_cases
 from .inference import quality_iter, segment_iter, torch_threads
-from .orientation import PLANE_NAMES, axis_codes, axis_of_plane
+from .orientation import PLANE_NAMES, axis_codes, axis_of_plane, plane_of
 from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve
+from .report import ReportFile, failure_row, result_row
 from .threads import default_threads
 from .training import AUTHORS_RECIPE, Recipe, train_iter
 from .volume import read_volume, remove_stale_temp, write_volume
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="recompute scans whose results exist and replace those files (without it they are skipped)")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE.csv|FILE.json",
+                   help="also keep a results table, one row per scan: verdict (with --quality), NQM, slices worth "
+                        "checking, volume of each class in mL (with its sd and 95%% interval across the runs); "
+                        "rows of scans skipped in a later run are kept")
 
     p = command("import-reference", "convert the Med-NCA authors' checkpoint folder into a model file",
                 IMPORT_EXAMPLES, cmd_import)
@@ -285,20 +290,28 @@ def cmd_segment(args) -> int:
             notes.append(f"removed {len(stale)} temporary folder(s) in {folder} left by a mednca run that was killed")
     for note in notes:
         print(f"mednca: {note}", file=sys.stderr)
+    table = None if args.report is None else ReportFile(args.report)
     model = load_model(args.model)
     threads = args.threads or default_threads()
     outcomes = Counter()
     for job in jobs:
+        row, error = None, None
         try:
-            line, outcome = _segment_one(model, job, args, threads)
+            line, outcome, row = _segment_one(model, job, args, threads)
         except MedNCAError as e:
-            line, outcome = f"{job.scan}: FAILED: {e}", "failed"
+            error = str(e)
         except MemoryError as e:  # a header claiming gigabytes, a quality map too large for this machine
-            line, outcome = f"{job.scan}: FAILED: not enough memory for this scan ({str(e) or 'no detail'})", "failed"
+            error = f"not enough memory for this scan ({str(e) or 'no detail'})"
         except OSError as e:  # the file system failing under a read
-            line, outcome = f"{job.scan}: FAILED: {_os_text(e)}", "failed"
+            error = _os_text(e)
+        if error is not None:
+            line, outcome, row = f"{job.scan}: FAILED: {error}", "failed", failure_row(job.scan, error)
         tqdm.write(line)
         outcomes[outcome] += 1
+        if table is not None and row is not None:
+            table.add(row)
+    if table is not None:
+        print(f"mednca: results table {args.report}", file=sys.stderr)
     if outcomes["failed"] or outcomes["skipped"]:
         parts = [f"{outcomes[k]} {k}" for k in ("segmented", "skipped", "failed") if outcomes[k]]
         print(f"mednca: {', '.join(parts)} of {len(jobs)} scans" +
@@ -307,13 +320,13 @@ def cmd_segment(args) -> int:
     return 1 if outcomes["failed"] else 0
 
 
-def _segment_one(model, job: Job, args, threads: int) -> tuple[str, str]:
-    """Segment one scan and write its results; returns the line to print and the outcome."""
+def _segment_one(model, job: Job, args, threads: int) -> tuple[str, str, dict | None]:
+    """Segment one scan and write its results; returns the line to print, the outcome and the results row."""
     start = time.perf_counter()
     volume = read_volume(job.scan)
     if not args.overwrite and _results_exist(job, volume.shape):
         shown = ", ".join(str(p) for p in job.outputs.values())
-        return f"{job.scan}: skipped, its results exist ({shown})", "skipped"
+        return f"{job.scan}: skipped, its results exist ({shown})", "skipped", None
     axis = None if args.plane is None else axis_of_plane(axis_codes(volume.affine), args.plane)
     opts = dict(axis=axis, seed=args.seed, threads=threads)
     if args.quality:
@@ -322,16 +335,18 @@ def _segment_one(model, job: Job, args, threads: int) -> tuple[str, str]:
         gen = segment_iter(model, volume, **opts)
     result = _drive(gen, job.scan.name)
     seg_path = write_volume(result.labels, job.outputs["seg"])
-    extra = ""
+    volumes = ", ".join(v.text() for v in result.volumes)
     if args.quality:
-        std_path = write_volume(volume.like(result.std.max(0)), job.outputs["std"])
+        write_volume(volume.like(result.std.max(0)), job.outputs["std"])
         worst = ", ".join(str(s) for s in result.flagged_slices[:5]) or "none"
-        extra = f"  NQM {result.nqm:.4f}  std map {std_path}  least trustworthy slices: {worst}"
-    counts = ", ".join(
-        f"{name} {int((result.labels.array == i + 1).sum())} vox" for i, name in enumerate(model.config.class_names)
-    )
-    line = f"{job.scan} -> {seg_path}  [{_dims(volume.shape)}]  {counts}{extra}  {time.perf_counter() - start:.1f} s"
-    return line, "segmented"
+        plane = plane_of(axis_codes(volume.affine), result.axis)
+        judged = (f"\n    verdict: {result.verdict.text()}\n    NQM {result.nqm:.3f}; {plane} slices worth "
+                  f"checking: {worst}")
+    else:
+        judged = "  (not judged: --quality 10 adds a verdict)"
+    seconds = time.perf_counter() - start
+    line = f"{job.scan} -> {seg_path}  [{_dims(volume.shape)}]  {volumes}  {seconds:.1f} s{judged}"
+    return line, "segmented", result_row(job.scan, job.outputs, result, seconds)
 
 
 def _results_exist(job: Job, shape: tuple[int, ...]) -> bool:

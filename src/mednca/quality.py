@@ -99,7 +99,8 @@ class Verdict:
         return {"ok": "OK", "check": "check these slices", "fail": "likely failed"}[self.level]
 
     def text(self) -> str:
-        return self.level if not self.reasons else f"{self.level}: {'; '.join(self.reasons)}"
+        """The headline and its reasons on one line, e.g. "likely failed: the runs disagree on 55% ..."."""
+        return self.headline if not self.reasons else f"{self.headline}: {'; '.join(self.reasons)}"
 
 
 def criteria_of(provenance: dict) -> QualityCriteria:

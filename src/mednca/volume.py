@@ -137,7 +137,7 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
     _refuse_source(volume, path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=path.parent))
+        tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=path.parent))
     except OSError as e:
         raise VolumeError(f"cannot write {path}: {_os_reason(e)}") from None
     try:
@@ -449,7 +449,7 @@ def _host_prefix() -> str:
     return f"{TEMP_PREFIX}{host}-"
 
 
-def _temp_prefix() -> str:
+def temp_prefix() -> str:
     """This process's temporary folders: ``.mednca-tmp-<host>-<pid>-``, the pid telling whether it still runs."""
     return f"{_host_prefix()}{os.getpid()}-"
 
