@@ -1,0 +1,209 @@
+"""Calibrate a model's quality verdict on its held-out cases, clean and under artefacts, and report its power.
+
+    python benchmarks/calibrate_quality.py [--model hippocampus] [--write]
+
+Reads benchmarks/results/robustness_<model>.csv (benchmarks/robustness.py: 10-run quality maps of the model's
+validation cases, clean and under every artefact of mednca.artefacts) and chooses the verdict's limits
+(mednca.quality.QualityCriteria) by a grid search over the features the engine judges by (NQM, the runs'
+relative spread of the whole volume, the share of scattered labels):
+
+- every case with Dice < 0.5 must get "fail";
+- at most 10% of clean cases with Dice >= 0.85 may get anything but "ok";
+- among the limits meeting both, the ones giving the most cases with Dice < 0.8 a non-ok verdict, then the
+  fewest non-ok verdicts for cases with Dice >= 0.85 (any condition), then the largest limits.
+
+The per-slice limit is the smallest of a grid for which the median number of slices worth checking on clean
+scans is at most 2. Printed: the limits, detection power (sensitivity for failed and poor cases, false alarms
+on clean good ones, AUROC of NQM for Dice < 0.8), the per-slice figures (median flagged slices on clean scans,
+Spearman of slice score against slice Dice on poor scans), and the volume error per class on clean scans.
+``--write`` stores the limits, with where they come from, in the shipped model file (a new checksum; weights
+untouched). Results go to benchmarks/results/quality_calibration_<model>.txt and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mednca.checkpoint import save_model
+from mednca.evaluation import spearman
+from mednca.quality import QualityCriteria, judge, slice_scores
+from mednca.registry import SHIPPED_DIR, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+FAILED, POOR, GOOD = 0.5, 0.8, 0.85
+MAX_FALSE_ALARMS = 0.10
+
+
+def load_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("run_volumes_ml")]
+    for r in rows:
+        r["dice"] = float(r["dice_whole"])
+        r["nqm_f"] = float(r["nqm"])
+        r["scattered_f"] = float(r["scattered"])
+        r["runs_ml"] = np.array(json.loads(r["run_volumes_ml"]), float)
+        r["labelled"] = int(r["pred_voxels"])
+        for key in ("slice_std", "slice_mass", "slice_dice"):
+            r[key + "_a"] = np.array([np.nan if v is None else v for v in json.loads(r[key])], float)
+    return rows
+
+
+def verdicts(rows: list[dict], c: QualityCriteria) -> list[str]:
+    return [judge(r["nqm_f"], r["runs_ml"], r["scattered_f"], r["labelled"], c).level for r in rows]
+
+
+def power(rows: list[dict], levels: list[str]) -> dict:
+    dice = np.array([r["dice"] for r in rows])
+    clean = np.array([r["artefact"] == "none" for r in rows])
+    lv = np.array(levels)
+    failed, poor, good = dice < FAILED, dice < POOR, dice >= GOOD
+
+    def share(mask, hit):
+        return (float(hit[mask].mean()), int(mask.sum())) if mask.any() else (float("nan"), 0)
+
+    return {
+        "failed_get_fail": share(failed, lv == "fail"),
+        "poor_get_not_ok": share(poor, lv != "ok"),
+        "clean_good_false_alarms": share(clean & good, lv != "ok"),
+        "good_false_alarms_any_condition": share(good, lv != "ok"),
+        "counts": {v: int((lv == v).sum()) for v in ("ok", "check", "fail")},
+    }
+
+
+def auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a positive case scores higher than a negative one (ties count half)."""
+    pos, neg = score[positive], score[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).mean()
+    ties = (pos[:, None] == neg[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def levels_fast(features: np.ndarray, nc, nf, cc, cf, sc) -> np.ndarray:
+    """``judge``'s levels for many rows at once (0 ok, 1 check, 2 fail); ``features`` [rows, 4]: NQM, the
+    runs' volume CV, scattered share, labelled voxels. ``search`` checks its choice against ``judge``."""
+    nqm, cv, scatter, labelled = features.T
+    level = np.zeros(len(features), int)
+    level = np.maximum(level, np.where(nqm > nf, 2, np.where(nqm > nc, 1, 0)))
+    level = np.maximum(level, np.where(cv > cf, 2, np.where(cv > cc, 1, 0)))
+    level = np.maximum(level, np.where(scatter > sc, 1, 0))
+    return np.where(labelled == 0, 2, level)
+
+
+def search(rows: list[dict]) -> QualityCriteria:
+    grid_nqm = np.round(np.arange(0.06, 0.60, 0.01), 3)
+    grid_cv = [0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 1.0]
+    grid_scatter = [0.1, 0.15, 0.2, 0.3, 0.5, 0.99]
+    features = np.array([[r["nqm_f"], r["runs_ml"].std() / r["runs_ml"].mean() if r["runs_ml"].mean() > 0 else 0.0,
+                          r["scattered_f"], r["labelled"]] for r in rows])
+    dice = np.array([r["dice"] for r in rows])
+    clean_good = np.array([r["artefact"] == "none" for r in rows]) & (dice >= GOOD)
+    failed, poor, good = dice < FAILED, dice < POOR, dice >= GOOD
+    best, best_key = None, None
+    for nc, nf in itertools.combinations_with_replacement(grid_nqm, 2):
+        for cc, cf in itertools.combinations_with_replacement(grid_cv, 2):
+            for sc in grid_scatter:
+                lv = levels_fast(features, nc, nf, cc, cf, sc)
+                if failed.any() and not (lv[failed] == 2).all():
+                    continue
+                if clean_good.any() and (lv[clean_good] > 0).mean() > MAX_FALSE_ALARMS:
+                    continue
+                sensitivity = (lv[poor] > 0).mean() if poor.any() else 1.0
+                alarms = (lv[good] > 0).mean() if good.any() else 0.0
+                key = (sensitivity, -alarms, nc, nf, cc, cf, sc)
+                if best_key is None or key > best_key:
+                    best, best_key = (nc, nf, cc, cf, sc), key
+    if best is None:
+        raise SystemExit("no limits meet the constraints on these cases")
+    nc, nf, cc, cf, sc = (float(v) for v in best)
+    chosen = QualityCriteria(nqm_check=nc, nqm_fail=nf, volume_cv_check=cc, volume_cv_fail=cf, scatter_check=sc)
+    names = np.array(["ok", "check", "fail"])
+    assert list(names[levels_fast(features, nc, nf, cc, cf, sc)]) == verdicts(rows, chosen), "judge disagrees"
+    return chosen
+
+
+def slice_limit(rows: list[dict]) -> tuple[float, dict]:
+    clean = [r for r in rows if r["artefact"] == "none"]
+    scores_clean = [slice_scores(r["slice_std_a"], r["slice_mass_a"]) for r in clean]
+    chosen = None
+    for limit in np.round(np.arange(0.1, 3.01, 0.05), 2):
+        if np.median([(s > limit).sum() for s in scores_clean]) <= 2:
+            chosen = float(limit)
+            break
+    chosen = 3.0 if chosen is None else chosen
+    poor = [r for r in rows if r["dice"] < POOR]
+    rhos = []
+    for r in poor:
+        s, d = slice_scores(r["slice_std_a"], r["slice_mass_a"]), r["slice_dice_a"]
+        keep = np.isfinite(d)
+        if keep.sum() >= 4:
+            rho = spearman(s[keep], d[keep])
+            if np.isfinite(rho):
+                rhos.append(rho)
+    figures = {
+        "median_flagged_clean": float(np.median([(s > chosen).sum() for s in scores_clean])),
+        "median_flagged_poor": float(np.median([(slice_scores(r["slice_std_a"], r["slice_mass_a"]) > chosen).sum()
+                                                for r in poor])) if poor else float("nan"),
+        "spearman_slice_score_vs_dice_poor_median": float(np.median(rhos)) if rhos else float("nan"),
+        "poor_scans": len(poor),
+    }
+    return chosen, figures
+
+
+def volume_errors(rows: list[dict], path: Path) -> dict:
+    """Mean absolute % error of the whole volume on clean scans (per class needs the labels: whole only here)."""
+    clean = [r for r in rows if r["artefact"] == "none"]
+    err = [abs(float(r["volume_ml"]) - float(r["volume_ml_true"])) / float(r["volume_ml_true"]) for r in clean]
+    spread = [float(r["runs_ml"].std() / r["runs_ml"].mean()) for r in clean if r["runs_ml"].mean() > 0]
+    return {"whole_mean_abs_pct_error": 100 * float(np.mean(err)), "cases": len(clean),
+            "whole_mean_run_cv_pct": 100 * float(np.mean(spread))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="hippocampus")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--write", action="store_true", help="store the limits in the shipped model file")
+    args = parser.parse_args()
+    rows = load_rows(args.results / f"robustness_{args.model}.csv")
+    cases = sorted({r["case"] for r in rows})
+    conditions = sorted({r["artefact"] for r in rows})
+    criteria = search(rows)
+    limit, slice_figures = slice_limit(rows)
+    p = power(rows, verdicts(rows, criteria))
+    dice = np.array([r["dice"] for r in rows])
+    nqm = np.array([r["nqm_f"] for r in rows])
+    summary = {
+        "model": args.model, "cases": len(cases), "conditions": conditions, "rows": len(rows),
+        "power": p, "auroc_nqm_poor": auroc(nqm, dice < POOR), "auroc_nqm_failed": auroc(nqm, dice < FAILED),
+        "slices": slice_figures, "volumes": volume_errors(rows, args.results),
+    }
+    calibration = {
+        "source": "benchmarks/calibrate_quality.py on benchmarks/results/robustness_" + args.model + ".csv",
+        "cases": len(cases), "conditions": conditions, "rows": len(rows), "runs": int(rows[0]["runs"]),
+        "rules": f"every Dice < {FAILED} fails; at most {MAX_FALSE_ALARMS:.0%} of clean Dice >= {GOOD} not ok; "
+                 f"then most Dice < {POOR} not ok",
+        "sensitivity_failed": p["failed_get_fail"][0], "sensitivity_poor": p["poor_get_not_ok"][0],
+        "false_alarms_clean_good": p["clean_good_false_alarms"][0], "auroc_nqm_poor": summary["auroc_nqm_poor"],
+    }
+    criteria = QualityCriteria(**{**criteria.to_dict(), "slice_check": limit, "calibration": calibration})
+    summary["criteria"] = criteria.to_dict()
+    text = json.dumps(summary, indent=2, default=float)
+    print(text)
+    (args.results / f"quality_calibration_{args.model}.json").write_text(text + "\n")
+    if args.write:
+        model = load_model(args.model)
+        model.provenance["quality_criteria"] = criteria.to_dict()
+        path = save_model(model, SHIPPED_DIR / f"{args.model}.safetensors")
+        print(f"wrote the limits into {path}")
+
+
+if __name__ == "__main__":
+    main()
