@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from cli_support import AFFINE, SHAPE, tiny_model_file, write_scan
 
-from mednca import cli, volume
+from mednca import cli, staging, volume
 from mednca.cli import main
 
 
@@ -257,7 +257,7 @@ def test_temporary_files_of_a_killed_writer_are_removed_at_the_next_run(model_fi
     assert writer.wait(timeout=300) == -signal.SIGKILL
     (stale,) = out.iterdir()
     assert stale.is_dir() and stale.name.startswith(".mednca-tmp-") and f"-{writer.pid}-" in stale.name
-    live = tempfile.mkdtemp(prefix=volume.temp_prefix(), dir=out)  # a writer that still runs: this process
+    live = tempfile.mkdtemp(prefix=staging.temp_prefix(), dir=out)  # a writer that still runs: this process
     assert segment(model_file, scans, "-o", out) == 0
     assert names(out) == sorted([os.path.basename(live), "a_seg.nii.gz", "b_seg.nii.gz"])
     assert f"removed 1 temporary folder(s) in {out} left by a mednca run that was killed" in capsys.readouterr().err

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from mednca import volume as volume_module
 from mednca.errors import VolumeError
 from mednca.volume import Volume, read_volume, write_volume
 
@@ -180,23 +179,6 @@ def test_a_folder_that_cannot_be_made_is_a_volume_error_with_the_systems_reason(
     scan = read_volume(nifti_scan)
     with pytest.raises(VolumeError, match=r"cannot write .*scan.nii.gz/out/labels.nii.gz: Not a directory"):
         write_volume(scan.like(np.zeros(SHAPE, np.uint8)), nifti_scan / "out" / "labels.nii.gz")
-
-
-@pytest.mark.skipif(os.name != "posix", reason="processes are looked up by id on POSIX only")
-def test_only_temporary_folders_of_writers_that_no_longer_run_are_removed(tmp_path):
-    import subprocess
-    import sys
-
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    prefix = volume_module.temp_prefix()  # this host, this process
-    stale = tmp_path / prefix.replace(f"-{os.getpid()}-", f"-{ended.pid}-")
-    live = tmp_path / f"{prefix}abc"
-    other_host = tmp_path / f".mednca-tmp-elsewhere-{ended.pid}-abc"
-    for folder in (stale, live, other_host):
-        (folder / "inside").mkdir(parents=True)
-    assert volume_module.remove_stale_temp(tmp_path) == [stale]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name])
 
 
 def write_dicom_series(folder, n_slices=5, spacing=(0.8, 0.9, 3.0)) -> np.ndarray:

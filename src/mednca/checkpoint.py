@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .errors import CheckpointError
 from .model import MedNCA, NCAConfig
 from .model_schema import SchemaError, check_metadata, reference_settings, shown
 from .preprocess import Preprocessing
+from .staging import staged_file
 
 FORMAT = "mednca"
 FORMAT_VERSION = 2  # 1: the digest covered the weights only; 2: the weights and the metadata
@@ -72,15 +72,8 @@ def save_model(model: MedNCA, path: str | os.PathLike) -> Path:
     meta = json.loads(json.dumps(meta))  # digest what a reader will parse (tuples read back as lists)
     meta["sha256"] = model_digest(tensors, meta)
     _check_schema(meta, path.name)  # never write a file that would not load
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with staged_file(path) as tmp:
         save_file(tensors, tmp, metadata={FORMAT: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -33,9 +33,10 @@ from .orientation import PLANE_NAMES, axis_codes, axis_of_plane, plane_of
 from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve
 from .report import ReportFile, failure_row, result_row
+from .staging import remove_stale_temp
 from .threads import default_threads
 from .training import AUTHORS_RECIPE, Recipe, train_iter
-from .volume import read_volume, remove_stale_temp, write_volume
+from .volume import read_volume, write_volume
 
 DESCRIPTION = """\
 Segment medical scans (the hippocampus in MRI) with Med-NCA models,

@@ -24,7 +24,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from .errors import MedNCAError
 from .inference import quality_iter, segment_iter
 from .model import MedNCA
 from .progress import Progress, run_to_end
+from .staging import staged_file
 from .volume import Volume, check_labels, read_volume
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -440,13 +440,6 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     if path.is_dir():
         raise MedNCAError(f"{path} is a folder; give a file name to write the report to")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp, open(tmp, "w", newline="") as f:
+        write(f)
     return path

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import MedNCAError
 from .orientation import axis_codes, plane_of
-from .volume import temp_prefix
+from .staging import staged_file
 
 NOT_ASSESSED = "not assessed"  # a plain segmentation: no quality map, no verdict
 FIXED_COLUMNS = ("scan", "status", "output", "std_map", "verdict", "reasons", "nqm", "plane", "flagged_slices",
@@ -79,17 +77,13 @@ class ReportFile:
         rows = list(self.rows.values())
         extra = sorted({k for r in rows for k in r} - set(FIXED_COLUMNS))
         columns = [*FIXED_COLUMNS, *extra]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=self.path.suffix, dir=self.path.parent)
         try:
-            with os.fdopen(fd, "w", newline="") as f:
+            with staged_file(self.path) as tmp, open(tmp, "w", newline="") as f:
                 if self.path.suffix.lower() == ".json":
                     json.dump([{c: r.get(c, "") for c in columns} for r in rows], f, indent=1)
                 else:
                     writer = csv.DictWriter(f, columns, restval="", lineterminator="\n")
                     writer.writeheader()
                     writer.writerows(rows)
-            os.replace(tmp, self.path)
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
             raise MedNCAError(f"{self.path}: the results table could not be written ({e.strerror or e})") from None

@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from .model import MedNCA, NCAConfig
 from .orientation import Reorientation
 from .preprocess import Preprocessing
 from .progress import run_to_end
+from .staging import staged_file
 from .volume import Volume, check_labels, image_array
 
 HIPPOCAMPUS = NCAConfig(output_channels=2, class_names=("anterior", "posterior"))
@@ -413,15 +413,8 @@ def save_training_state(path, model, opt, gen, setup: dict, iteration: int, best
             tensors[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
     tensors["rng"] = gen.get_state()
     meta = {"setup": setup, "iteration": iteration, "best": best, "seconds": seconds}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with staged_file(path) as tmp:
         save_file(tensors, tmp, metadata={"mednca_training": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float, float]:

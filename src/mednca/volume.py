@@ -12,7 +12,7 @@ and whose world is LPS: both are converted on the way in and out, so callers onl
 Writing never destroys data: files go to a temporary name in the destination folder and are renamed into
 place, and a volume refuses to be written over any file its data was read or derived from. The temporary
 folder's name says who made it (``.mednca-tmp-<host>-<pid>-...``), so what a killed writer left behind can be
-recognised and removed later (:func:`remove_stale_temp`) without touching a write still in progress.
+recognised and removed later (``staging.remove_stale_temp``) without touching a write still in progress.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 
 from .errors import VolumeError
+from .staging import temp_prefix
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -42,7 +42,6 @@ READABLE = (
 )
 LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS: ITK's world has x and y pointing the other way
 SCANNER = 1  # NIfTI xform code: coordinates of the scanner
-TEMP_PREFIX = ".mednca-tmp-"  # + host, pid: temporary folders of write_volume
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -159,31 +158,6 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
-
-
-def remove_stale_temp(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary folders that :func:`write_volume` left in ``folder`` when its process was killed
-    (their writer's process id no longer runs on this host); returns what was removed.
-
-    Folders of writers that still run, or that ran on another host sharing the folder, are left alone, and so
-    is everything on a system where a process cannot be looked up by id (Windows).
-    """
-    folder = Path(folder)
-    mine = re.compile(rf"^{re.escape(_host_prefix())}(\d+)-")
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return []
-    removed = []
-    for entry in entries:
-        match = mine.match(entry.name)
-        if match and not _process_alive(int(match.group(1))):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
 
 
 def image_array(volume: Volume | np.ndarray) -> np.ndarray:
@@ -440,31 +414,6 @@ def _itk_image(volume: Volume, data: np.ndarray) -> sitk.Image:
     image.SetDirection((linear / spacing).ravel().tolist())
     image.SetOrigin((LPS @ volume.affine[:3, 3]).tolist())
     return image
-
-
-def _host_prefix() -> str:
-    """``.mednca-tmp-<host>-``: the start of every temporary folder this host's writers make. The host keeps
-    a cleaner on one machine off the folders of a writer on another machine sharing the folder."""
-    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
-    return f"{TEMP_PREFIX}{host}-"
-
-
-def temp_prefix() -> str:
-    """This process's temporary folders: ``.mednca-tmp-<host>-<pid>-``, the pid telling whether it still runs."""
-    return f"{_host_prefix()}{os.getpid()}-"
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs on this host; True when that cannot be known, so nothing in use is removed."""
-    if os.name != "posix" or pid == os.getpid():
-        return True  # on Windows os.kill(pid, 0) would send Ctrl-C, not look the process up
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it runs, as another user
-        return True
-    return True
 
 
 def _os_reason(error: OSError) -> str:
