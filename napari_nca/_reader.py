@@ -3,7 +3,9 @@
 Layers get the voxel spacing as scale and the origin as translate, so napari's measurements are in
 millimetres, and carry the full geometry in their metadata (see ``_layers``) for segmentation and saving.
 A label map opens as a Labels layer: recognised by its name ("label", "seg", "mask") or by holding integers
-with few distinct values, as MSD ``labelsTr`` files do.
+with few distinct values, as MSD ``labelsTr`` files do; its classes get the colours a segmentation of them
+gets. A scan opens with its contrast set from its own 0.5 and 99.5 percentiles (a scanner's full range
+would leave the anatomy dim), as a radiology viewer's default window does.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import numpy as np
 from mednca.errors import VolumeError
 from mednca.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, Volume, check_labels, is_dicom_file, read_volume
 
+from ._colours import labels_colormap
 from ._layers import layer_kwargs
 
 SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 LABEL_NAME = re.compile(r"label|seg|mask", re.IGNORECASE)
 MAX_LABEL_VALUES = 16  # an integer scan has hundreds of grey values; a label map has a handful of classes
 DICOM_PROBE = 20  # files looked at when deciding whether a folder holds DICOM
+CONTRAST_PERCENTILES = (0.5, 99.5)
+CONTRAST_SAMPLE = 1_000_000  # voxels looked at for the contrast: plenty for two percentiles, fast on any scan
 
 
 def get_reader(path: str | os.PathLike | list):
@@ -44,8 +49,24 @@ def volume_layer_data(volume: Volume, name: str) -> tuple:
     """``(data, kwargs, layer_type)`` for a volume: a Labels layer for a label map, an Image otherwise."""
     if is_label_map(volume, name):
         labels = volume.like(check_labels(volume.array, volume))  # keeps the file as a source not to overwrite
-        return labels.array, {"name": name, **layer_kwargs(labels)}, "labels"
-    return volume.array, {"name": name, **layer_kwargs(volume)}, "image"
+        colours = labels_colormap(int(labels.array.max(initial=0)))
+        return labels.array, {"name": name, "colormap": colours, **layer_kwargs(labels)}, "labels"
+    kwargs = {"name": name, **layer_kwargs(volume)}
+    limits = contrast_limits(volume.array)
+    if limits is not None:
+        kwargs["contrast_limits"] = limits
+    return volume.array, kwargs, "image"
+
+
+def contrast_limits(array: np.ndarray) -> tuple[float, float] | None:
+    """The display window from the scan's 0.5 and 99.5 percentiles (over finite voxels, sampled evenly on
+    large scans); None when they coincide, leaving napari's own choice."""
+    sample = array.ravel()[:: max(1, array.size // CONTRAST_SAMPLE)]
+    sample = sample[np.isfinite(sample)] if np.issubdtype(sample.dtype, np.floating) else sample
+    if sample.size == 0:
+        return None
+    low, high = (float(v) for v in np.percentile(sample, CONTRAST_PERCENTILES))
+    return (low, high) if high > low else None
 
 
 def is_label_map(volume: Volume, name: str) -> bool:

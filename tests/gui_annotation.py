@@ -1,8 +1,5 @@
 """What the fine-tune, train and responsiveness GUI tests add to ``gui_support``: the shipped phantom as
-layers, "painting" slices of its ground truth as a user with a brush would, and a screenshot check.
-
-These tests run the engine inside ``mednca.inference.torch_threads(1)``: the test machine's cores are
-shared, and OpenMP threads waiting for busy cores make a run many times slower than a single thread."""
+layers, "painting" slices of its ground truth as a user with a brush would, and a screenshot check."""
 
 from __future__ import annotations
 
@@ -25,13 +22,15 @@ def add_phantom(viewer):
 
 
 def paint_slices(layer, truth: np.ndarray, slices, axis: int = 2) -> None:
-    """Copy the ground truth of ``slices`` into a Labels layer, as a user with a brush would."""
-    data = np.array(layer.data)
+    """Copy the ground truth of ``slices`` into a Labels layer as the brush does: through ``data_setitem``,
+    which writes the undo history and tells listeners that the user painted."""
     for s in slices:
+        region = np.zeros(layer.data.shape, bool)
         index = [slice(None)] * 3
         index[axis] = s
-        data[tuple(index)] = truth[tuple(index)]
-    layer.data = data
+        region[tuple(index)] = True
+        where = np.nonzero(region)
+        layer.data_setitem(where, truth[where])
 
 
 def screenshot_shows_something(viewer, path: Path) -> None:

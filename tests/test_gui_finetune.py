@@ -1,99 +1,116 @@
-"""Fine-tune widget, driven as a user would: paint two slices, fine-tune, compare, keep or revert, cancel."""
+"""Correct & fine-tune, driven as a user would: correct two slices of a segmentation, fine-tune on them (and
+only them), compare, keep or revert, cancel, paint from scratch on a new layer, save the corrections."""
 
 from __future__ import annotations
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
-from gui_annotation import add_phantom, paint_slices, screenshot_shows_something
-from gui_support import tiny_model_path  # noqa: F401 (a fixture)
+from gui_annotation import paint_slices, screenshot_shows_something
+from gui_support import nca, phantom_copy, tiny_model_path, wait_for, work_unit  # noqa: F401 (fixtures)
 
-from mednca.inference import torch_threads
+from mednca.datasets import phantom_paths
 from mednca.registry import list_models, load_model
-from napari_nca._qt.finetune_widget import TUNED_SUFFIX, FinetuneWidget
-from napari_nca._qt.segment_widget import SegmentWidget
+from mednca.volume import read_volume
+from napari_nca._layers import RESULT_KEY
 
 pytestmark = pytest.mark.gui
-PAINTED = (14, 22)
+CORRECTED = (14, 22)
 
 
 @pytest.fixture
-def setup(make_napari_viewer, tiny_model_path):  # noqa: F811
-    """A viewer with the phantom, an empty annotation layer and the Fine-tune and Segment widgets."""
-    model_file = tiny_model_path
-    viewer = make_napari_viewer(show=True)
-    image, truth = add_phantom(viewer)
-    annotation = viewer.add_labels(truth * 0, name="annotation", scale=image.scale, translate=image.translate)
-    widget = FinetuneWidget(viewer)
-    other = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(other, name="Segment")
-    viewer.window.add_dock_widget(widget, name="Fine-tune")
-    widget.image.value, widget.labels.value = image, annotation
-    widget.picker.set_path(model_file)
-    with torch_threads(1):
-        yield viewer, widget, other, annotation, truth, model_file
+def corrected(nca, qtbot, work_unit):  # noqa: F811
+    """The phantom segmented by the tiny model, two of its slices corrected by hand (from the truth)."""
+    viewer, panel, image = nca
+    panel.segment.segment()
+    wait_for(qtbot, panel.progress, work_unit)
+    seg = viewer.layers["phantom_seg"]
+    panel.tabs.setCurrentWidget(panel.finetune)
+    assert panel.finetune.labels.value is seg  # the segmentation just made is what one corrects
+    assert "No corrected axial slice" in panel.finetune.slices_label.text()
+    truth = read_volume(phantom_paths()[1]).array
+    paint_slices(seg, truth, CORRECTED)
+    qtbot.waitUntil(lambda: "2 corrected axial slice(s): 14, 22" in panel.finetune.slices_label.text())
+    return viewer, panel, image, seg
 
 
-def run(qtbot, widget, iterations):
-    widget.iterations.value = iterations
-    worker = widget.start()
-    assert worker is not None
-    qtbot.waitUntil(lambda: not widget.progress.busy, timeout=40_000)
+def run(qtbot, panel, work_unit, iterations):  # noqa: F811
+    panel.finetune.advanced.set_expanded(True)
+    panel.finetune.iterations.setValue(iterations)
+    assert panel.finetune.start() is not None
+    wait_for(qtbot, panel.progress, work_unit, units=iterations)
 
 
-def test_finetune_shows_result_and_keep_saves_a_listed_model(qtbot, setup, tmp_path):
-    viewer, widget, other, annotation, truth, _ = setup
-    assert "No annotated slice" in widget.slices_label.text()
-    paint_slices(annotation, truth, PAINTED)
-    assert "2 annotated slice(s) along axis 2: 14, 22" in widget.slices_label.text()
+def test_finetune_learns_the_corrected_slices_and_keep_makes_it_the_model(corrected, qtbot, work_unit, tmp_path):  # noqa: F811
+    viewer, panel, _, seg = corrected
+    painted = np.array(seg.data)
+    run(qtbot, panel, work_unit, iterations=8)
 
-    widget.lr.value = 2e-3
-    run(qtbot, widget, iterations=12)
-
-    layer = viewer.layers[f"phantom{TUNED_SUFFIX}"]
-    assert layer.data.shape == truth.shape
-    assert "phantom" in viewer.layers  # the scan and the user's annotation stay
-    assert [i for i, _ in widget.plot.losses] == list(range(1, 13))
-    assert "before" in widget.result_label.text() and "after" in widget.result_label.text()
-    assert widget.keep_button.isEnabled() and widget.revert_button.isEnabled()
+    tuned = viewer.layers["phantom_seg_tuned"]
+    np.testing.assert_array_equal(seg.data, painted)  # the user's corrections are untouched
+    model, report, layer = panel.finetune.adapted
+    assert layer is tuned and report.slices == list(CORRECTED)  # the corrected slices, not every labelled one
+    assert [i for i, _ in panel.finetune.plot.losses] == list(range(1, 9))
+    assert panel.finetune.keep_button.isEnabled() and panel.finetune.revert_button.isEnabled()
     screenshot_shows_something(viewer, tmp_path / "finetune.png")
 
-    widget.name_edit.setText("tiny-phantom")
-    path = widget.keep()
+    panel.finetune.name_edit.setText("tiny-phantom")
+    path = panel.finetune.keep()
     assert path is not None and path.is_file()
     assert "tiny-phantom" in [entry.name for entry in list_models()]
-    assert other.picker.combo.findText("tiny-phantom") >= 0, "the Segment widget's model list was not refreshed"
-    assert load_model("tiny-phantom").provenance["finetune"]["slices"] == list(PAINTED)
-    assert not widget.keep_button.isEnabled()
+    assert panel.picker.combo.currentText() == "tiny-phantom"  # the adapted model is now the panel's model
+    assert tuned.metadata[RESULT_KEY]["model"] == str(path)  # so Check quality judges that layer with it
+    assert load_model("tiny-phantom").provenance["finetune"]["slices"] == list(CORRECTED)
+    assert not panel.finetune.keep_button.isEnabled()
 
 
-def test_revert_discards_the_model_and_its_layer(qtbot, setup, tmp_path):
-    viewer, widget, _, annotation, truth, model_file = setup
-    paint_slices(annotation, truth, PAINTED)
-    run(qtbot, widget, iterations=3)
-    assert f"phantom{TUNED_SUFFIX}" in viewer.layers
-    widget.revert()
-    assert f"phantom{TUNED_SUFFIX}" not in viewer.layers
-    assert widget.adapted is None and not widget.keep_button.isEnabled()
-    assert [p.name for p in model_file.parent.iterdir()] == [model_file.name]
+def test_revert_discards_the_model_and_its_layer(corrected, qtbot, work_unit, tiny_model_path, tmp_path):  # noqa: F811
+    viewer, panel, _, seg = corrected
+    run(qtbot, panel, work_unit, iterations=3)
+    assert "phantom_seg_tuned" in viewer.layers
+    panel.finetune.revert()
+    assert "phantom_seg_tuned" not in viewer.layers and seg in viewer.layers
+    assert panel.finetune.adapted is None and not panel.finetune.keep_button.isEnabled()
+    assert [p.name for p in tiny_model_path.parent.iterdir()] == [tiny_model_path.name]
     screenshot_shows_something(viewer, tmp_path / "reverted.png")
 
 
-def test_cancel_leaves_the_model_unchanged(qtbot, setup, tmp_path):
-    viewer, widget, _, annotation, truth, model_file = setup
-    paint_slices(annotation, truth, PAINTED)
-    model = widget.picker.current_model()
+def test_cancel_leaves_the_model_unchanged(corrected, qtbot, work_unit, tiny_model_path, tmp_path):  # noqa: F811
+    viewer, panel, _, _ = corrected
+    model = panel.picker.current_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    widget.iterations.value = 100_000
-    widget.start()
-    qtbot.waitUntil(lambda: len(widget.plot.losses) >= 3, timeout=20_000)
+    panel.finetune.iterations.setValue(100_000)
+    panel.finetune.start()
+    qtbot.waitUntil(lambda: len(panel.finetune.plot.losses) >= 3, timeout=60_000)
     screenshot_shows_something(viewer, tmp_path / "running.png")
-    widget.progress.cancel_button.click()
-    qtbot.waitUntil(lambda: not widget.progress.busy, timeout=20_000)
+    panel.progress.cancel_button.click()
+    wait_for(qtbot, panel.progress, work_unit)
 
-    assert "Cancelled" in widget.result_label.text()
-    assert f"phantom{TUNED_SUFFIX}" not in viewer.layers
-    assert widget.adapted is None and not widget.keep_button.isEnabled()
-    after = widget.picker.current_model().state_dict()
+    assert "Cancelled" in panel.finetune.result_label.text()
+    assert "phantom_seg_tuned" not in viewer.layers
+    assert panel.finetune.adapted is None and not panel.finetune.keep_button.isEnabled()
+    after = panel.picker.current_model().state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    on_disk = load_model(model_file).state_dict()
+    on_disk = load_model(tiny_model_path).state_dict()
     assert all(torch.equal(before[k], on_disk[k]) for k in before)
+
+
+def test_paint_from_scratch_on_a_new_layer_and_save_it(nca, qtbot, tmp_path, phantom_copy):  # noqa: F811
+    viewer, panel, image = nca
+    layer = panel.finetune.new_layer()
+    assert layer.name == "phantom_labels" and not layer.data.any()
+    assert viewer.layers.selection.active is layer and layer.mode == "paint"
+    assert panel.finetune.labels.value is layer
+    assert tuple(viewer.dims.displayed) == (0, 1)  # painting in the model's plane (axial)
+    truth = read_volume(phantom_paths()[1]).array
+    paint_slices(layer, truth, (10,))
+    qtbot.waitUntil(lambda: "1 labelled axial slice(s): 10" in panel.finetune.slices_label.text())
+
+    out = tmp_path / "corrected.nii.gz"
+    assert panel.finetune.save(out)
+    saved = nib.load(out)
+    np.testing.assert_allclose(saved.affine, nib.load(phantom_copy).affine)
+    np.testing.assert_array_equal(np.asanyarray(saved.dataobj), layer.data)
+    assert not panel.finetune.save(phantom_copy)  # never over the scan itself
+    assert nib.load(phantom_copy).get_fdata().std() > 0

@@ -1,9 +1,11 @@
-"""Qt pieces every napari-nca widget shares: choosing a model, running engine generators in a worker thread
-with a progress bar and a Cancel button, and turning errors into napari notifications.
+"""Qt pieces the napari-nca panel's steps share: choosing a model and a layer, running engine generators in a
+worker thread with a progress bar and a Cancel button, folding advanced settings away, and turning errors
+into napari notifications.
 
 The engine's long operations are generators yielding ``Progress`` and returning their result; a napari
 ``GeneratorWorker`` runs them off the GUI thread, and ``worker.quit()`` stops them at the next yield, so the
-viewer never freezes and a run can be cancelled midway.
+viewer never freezes and a run can be cancelled midway. A worker outlives nothing it reports to: closing
+the panel stops it, and its late signals never reach a deleted widget.
 """
 
 from __future__ import annotations
@@ -18,19 +20,17 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QHBoxLayout,
-    QLabel,
     QProgressBar,
     QPushButton,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
 from mednca.errors import MedNCAError
+from mednca.inference import torch_threads
 from mednca.model import MedNCA
 from mednca.registry import list_models, load_model
-from mednca.volume import Volume
-
-from .._layers import volume_from_layer
 
 FOLDER_ITEM = "Authors' checkpoint folder…"
 FILE_ITEM = "File…"
@@ -68,13 +68,16 @@ class ModelPicker(QWidget):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.combo = _ModelCombo()
-        self.combo.setToolTip("Med-NCA model: shipped, saved by Fine-tune/Train, or loaded from disk")
+        self.combo.setToolTip("The trained model every step uses: the shipped ones, those you saved after "
+                              "fine-tuning or training, or a file or folder from disk. Point at an entry to "
+                              "see what it was trained on and how well it did.")
+        self.combo.setMinimumContentsLength(12)
+        self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self._extra: list[Path] = []  # paths chosen from disk, kept listed
         self._cache: dict[tuple[str, int], MedNCA] = {}
         self._last = ""
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(QLabel("model"))
         layout.addWidget(self.combo, 1)
         self.combo.about_to_open.connect(self.refresh)
         self.combo.activated.connect(self._on_activated)
@@ -152,34 +155,41 @@ def _mtime(path: Path) -> int:
 
 
 class ProgressPanel(QWidget):
-    """Progress bar, a line saying what runs, and a Cancel button stopping the running worker."""
+    """A progress bar saying what runs (its text is on the bar, so it costs one row), and a Cancel button
+    stopping the running worker."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.bar = QProgressBar()
-        self.label = QLabel("")
-        self.label.setWordWrap(True)
+        self.bar.setTextVisible(True)
+        self.bar.setFormat("")
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the running step; nothing it would have added is added, and the "
+                                      "model stays as it was")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
         self.worker = None
-        row = QHBoxLayout()
+        row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.bar, 1)
         row.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addLayout(row)
-        layout.addWidget(self.label)
 
     @property
     def busy(self) -> bool:
         return self.worker is not None
 
+    @property
+    def text(self) -> str:
+        return self.bar.format()
+
+    def set_text(self, text: str) -> None:
+        self.bar.setFormat(text.replace("%", "%%"))
+        self.bar.setToolTip(text)
+
     def started(self, worker, text: str = "running…") -> None:
         self.worker = worker
         self.bar.setRange(0, 0)  # busy until the first progress arrives
-        self.label.setText(text)
+        self.set_text(text)
         self.cancel_button.setEnabled(True)
 
     def show_progress(self, value) -> None:
@@ -187,33 +197,46 @@ class ProgressPanel(QWidget):
         done, total = getattr(value, "done", None), getattr(value, "total", None)
         if done is None or not total:
             return
-        self.bar.setRange(0, int(total))
-        self.bar.setValue(int(done))
-        stage = getattr(value, "stage", "")
-        self.label.setText(f"{stage} {done}/{total}".strip())
+        self.show_count(int(done), int(total), f"{getattr(value, 'stage', '')} {done}/{total}".strip())
+
+    def show_count(self, done: int, total: int, text: str) -> None:
+        self.bar.setRange(0, total)
+        self.bar.setValue(done)
+        self.set_text(text)
 
     def cancel(self) -> None:
         if self.worker is not None:
-            self.label.setText("cancelling…")
+            self.set_text("cancelling…")
             self.worker.quit()
 
     def finished(self, text: str) -> None:
         self.worker = None
         self.bar.setRange(0, 1)
         self.bar.setValue(1 if text == "done" else 0)
-        self.label.setText(text)
+        self.set_text(text)
         self.cancel_button.setEnabled(False)
 
 
+def alive(widget: QWidget) -> bool:
+    """False once Qt has deleted ``widget`` (its panel was closed): touching it then raises RuntimeError."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
 def run_worker(panel: ProgressPanel, function, *args, on_yield=None, on_return=None, on_error=None,
-               text: str = "running…", **kwargs):
+               on_abort=None, on_finish=None, text: str = "running…", **kwargs):
     """Run ``function(*args, **kwargs)`` (a generator function, typically an engine ``*_iter``) in a napari
     worker thread wired to ``panel``; returns the started worker.
 
     Yielded values update the panel and go to ``on_yield``; the generator's return value goes to
     ``on_return`` (on the GUI thread); an exception becomes one notification (engine errors with their own
-    words) and goes to ``on_error``. Cancel stops the generator at its next yield and calls neither.
-    A panel that is already running refuses a second run.
+    words) and goes to ``on_error``. Cancel stops the generator at its next yield and calls ``on_abort``
+    instead; ``on_finish`` comes last in every case.
+    A panel that is already running refuses a second run. When ``panel`` is deleted (the dock was closed)
+    the worker is told to stop, and none of its later signals reaches a widget.
     """
     if panel.busy:
         show_info("A run is already in progress: wait for it or cancel it first.")
@@ -225,19 +248,27 @@ def run_worker(panel: ProgressPanel, function, *args, on_yield=None, on_return=N
         pass
     outcome = {"text": "done"}
 
+    def guarded(callback):
+        def call(*values):
+            if alive(panel):
+                callback(*values)
+        return call
+
     def errored(exc):
         outcome["text"] = f"failed: {error_message(exc)}"
         notify_error(exc)
-        if on_error is not None:
+        if on_error is not None and alive(panel):
             on_error(exc)
 
     def aborted():
         outcome["text"] = "cancelled"
+        if on_abort is not None and alive(panel):
+            on_abort()
 
     if hasattr(worker, "yielded"):
-        worker.yielded.connect(panel.show_progress)
+        worker.yielded.connect(guarded(panel.show_progress))
         if on_yield is not None:
-            worker.yielded.connect(on_yield)
+            worker.yielded.connect(guarded(on_yield))
     if on_return is not None:
 
         def returned(value):
@@ -246,32 +277,115 @@ def run_worker(panel: ProgressPanel, function, *args, on_yield=None, on_return=N
             except Exception as exc:  # a result that cannot be shown must not take the viewer down
                 errored(exc)
 
-        worker.returned.connect(returned)
+        worker.returned.connect(guarded(returned))
     worker.errored.connect(errored)
     if hasattr(worker, "aborted"):
         worker.aborted.connect(aborted)
-    worker.finished.connect(lambda: panel.finished(outcome["text"]))
+    stop = worker.quit
+    panel.destroyed.connect(stop)
+
+    def finished():
+        panel.destroyed.disconnect(stop)
+        panel.finished(outcome["text"])
+        if on_finish is not None:
+            on_finish()
+
+    worker.finished.connect(guarded(finished))
     panel.started(worker, text)
     worker.start()
     return worker
 
 
+def in_threads(generator, threads: int):
+    """``generator`` run with ``threads`` torch threads while it computes (engine calls without a ``threads``
+    option), and the caller's setting while it is paused."""
+    while True:
+        with torch_threads(threads):
+            try:
+                item = next(generator)
+            except StopIteration as stop:
+                return stop.value
+        yield item
+
+
+class Collapsible(QWidget):
+    """A header button that folds a group of settings away (folded at first): what a clinician rarely needs
+    stays out of sight until asked for."""
+
+    def __init__(self, title: str, content: QWidget, tooltip: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.toggle = QToolButton()
+        self.toggle.setText(title)
+        self.toggle.setToolTip(tooltip)
+        self.toggle.setCheckable(True)
+        self.toggle.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.toggle.setArrowType(Qt.RightArrow)
+        self.toggle.setAutoRaise(True)
+        self.content = content
+        self.content.setVisible(False)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(2)
+        layout.addWidget(self.toggle)
+        layout.addWidget(self.content)
+        self.toggle.toggled.connect(self.set_expanded)
+
+    @property
+    def expanded(self) -> bool:
+        return self.toggle.isChecked()
+
+    def set_expanded(self, expanded: bool) -> None:
+        self.toggle.setChecked(expanded)
+        self.toggle.setArrowType(Qt.DownArrow if expanded else Qt.RightArrow)
+        self.content.setVisible(expanded)
+
+
+class LayerCombo(QComboBox):
+    """A choice among the layers ``list_layers()`` returns, as (name, layer) pairs; the chosen layer stays
+    chosen across re-listing (layers added, removed, renamed) while it is still offered."""
+
+    def __init__(self, list_layers, tooltip: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._list_layers = list_layers
+        self._layers: list = []
+        self.setToolTip(tooltip)
+        self.setMinimumContentsLength(12)
+        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.refresh()
+
+    @property
+    def value(self):
+        index = self.currentIndex()
+        return self._layers[index] if 0 <= index < len(self._layers) else None
+
+    def set_value(self, layer) -> None:
+        self.refresh()
+        for i, known in enumerate(self._layers):
+            if known is layer:
+                self.setCurrentIndex(i)
+                return
+        raise ValueError(f"{getattr(layer, 'name', layer)!r} is not one of the choices")
+
+    def refresh(self) -> None:
+        keep = self.value
+        pairs = self._list_layers()
+        self.blockSignals(True)
+        self.clear()
+        self._layers = [layer for _, layer in pairs]
+        for name, _ in pairs:
+            self.addItem(name)
+        index = next((i for i, layer in enumerate(self._layers) if layer is keep), None)
+        if index is None:
+            index = len(self._layers) - 1  # the newest layer: the one just opened or made
+        self.setCurrentIndex(index)
+        self.blockSignals(False)
+        if self.value is not keep:
+            self.currentIndexChanged.emit(self.currentIndex())
+
+
 def refresh_model_lists(widget: QWidget) -> None:
     """Re-list the models in every model picker of the window ``widget`` is docked in (a saved model must
-    show up in the other widgets at once)."""
+    show up in every list at once)."""
     root = widget.window()
     for picker in {*root.findChildren(ModelPicker), *widget.findChildren(ModelPicker)}:
         picker.refresh()
-
-
-def scan_and_model(layer, picker: ModelPicker) -> tuple[Volume, MedNCA] | None:
-    """The chosen scan as a Volume and the chosen model; tells the user and returns None when either is
-    missing or cannot be used."""
-    if layer is None:
-        show_info("Open a scan first (File > Open, or File > Open Sample > napari-nca).")
-        return None
-    try:
-        return volume_from_layer(layer), picker.current_model()
-    except Exception as exc:  # shown, with its type when it is not an input error
-        notify_error(exc)
-        return None
