@@ -1,7 +1,10 @@
 """Correct & fine-tune, driven as a user would: correct two slices of a segmentation, fine-tune on them (and
-only them), compare, keep or revert, cancel, paint from scratch on a new layer, save the corrections."""
+only them), read the engine's advice, keep or revert, cancel, paint from scratch on a new layer, save the
+corrections."""
 
 from __future__ import annotations
+
+import html
 
 import nibabel as nib
 import numpy as np
@@ -42,6 +45,15 @@ def run(qtbot, panel, work_unit, iterations):  # noqa: F811
     wait_for(qtbot, panel.progress, work_unit, units=iterations)
 
 
+def shows_the_advice(panel, report) -> None:
+    """The engine's advice is the readout, and the suggested button follows it."""
+    text = panel.finetune.result_label.text()
+    assert html.escape(report.advice) in text
+    assert ("Use the adapted model" if report.recommended else "Keep the current model") in text
+    assert panel.finetune.keep_button.isDefault() == report.recommended
+    assert panel.finetune.revert_button.isDefault() == (not report.recommended)
+
+
 def test_finetune_learns_the_corrected_slices_and_keep_makes_it_the_model(corrected, qtbot, work_unit, tmp_path):  # noqa: F811
     viewer, panel, _, seg = corrected
     painted = np.array(seg.data)
@@ -53,6 +65,7 @@ def test_finetune_learns_the_corrected_slices_and_keep_makes_it_the_model(correc
     assert layer is tuned and report.slices == list(CORRECTED)  # the corrected slices, not every labelled one
     assert [i for i, _ in panel.finetune.plot.losses] == list(range(1, 9))
     assert panel.finetune.keep_button.isEnabled() and panel.finetune.revert_button.isEnabled()
+    shows_the_advice(panel, report)
     screenshot_shows_something(viewer, tmp_path / "finetune.png")
 
     panel.finetune.name_edit.setText("tiny-phantom")
@@ -74,6 +87,17 @@ def test_revert_discards_the_model_and_its_layer(corrected, qtbot, work_unit, ti
     assert panel.finetune.adapted is None and not panel.finetune.keep_button.isEnabled()
     assert [p.name for p in tiny_model_path.parent.iterdir()] == [tiny_model_path.name]
     screenshot_shows_something(viewer, tmp_path / "reverted.png")
+
+
+def test_one_corrected_slice_cannot_show_the_model_is_better(nca, qtbot, work_unit):  # noqa: F811
+    viewer, panel, _ = nca
+    panel.segment.segment()
+    wait_for(qtbot, panel.progress, work_unit)
+    paint_slices(viewer.layers["phantom_seg"], read_volume(phantom_paths()[1]).array, (18,))
+    run(qtbot, panel, work_unit, iterations=3)
+    _, report, _ = panel.finetune.adapted
+    assert report.slices == [18] and report.estimate_after is None and not report.recommended
+    shows_the_advice(panel, report)  # Revert, not Keep, is the suggested choice
 
 
 def test_cancel_leaves_the_model_unchanged(corrected, qtbot, work_unit, tiny_model_path, tmp_path):  # noqa: F811

@@ -5,13 +5,18 @@ On a segmentation the plugin made, the slices used are those the user changed (t
 as the engine gave them); on any other layer, every labelled slice. The run is
 ``mednca.training.finetune_iter`` on those slices, then ``segment_iter`` with the adapted model, in one
 worker: the loss curve grows while it trains, and the new segmentation lands in a new layer beside the
-user's, which is never written over. The engine hands back a new model only at the end, so Cancel leaves
-the chosen model as it was. "Keep" saves the adapted model to the user's model folder and makes it the
-panel's model; "Revert" drops it and its layer. "Save…" writes the corrected layer in the scan's geometry.
+user's, which is never written over. The readout is the engine's: whether the adapted model is expected
+to be better on the slices nobody painted (cross-validated on the painted ones), and its advice; the
+suggested button follows it (Revert when the adapted model is not expected to be better).
+
+The engine hands back a new model only at the end, so Cancel leaves the chosen model as it was. "Keep"
+saves the adapted model to the user's model folder and makes it the panel's model; "Revert" drops it and
+its layer. "Save…" writes the corrected layer in the scan's geometry.
 """
 
 from __future__ import annotations
 
+import html
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +28,7 @@ import numpy as np
 import torch._dynamo  # noqa: F401
 from napari.layers import Labels
 from napari.utils.notifications import show_info
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
@@ -43,7 +48,7 @@ from mednca.orientation import plane_of
 from mednca.registry import save_user_model
 from mednca.training import FINETUNE, annotated_slices, finetune_iter
 
-from .._colours import labels_colormap
+from .._colours import VERDICT_COLOURS, labels_colormap
 from .._layers import (
     ORIGINAL_KEY,
     RESULT_KEY,
@@ -62,19 +67,26 @@ from ._loss_plot import LossPlot
 RECOUNT_MS = 300  # painting fires many events; the list of corrected slices is recounted after a pause
 
 
-def finetune_and_segment(model, volume, labels, *, slices, iterations, lr, seed, steps, fire_rate, threads):
+def finetune_and_segment(model, volume, labels, *, slices, iterations, lr, seed, steps, fire_rate, threads,
+                         base_name):
     """Worker generator: fine-tune, then segment the scan with the adapted model; returns
     ``(adapted model, FinetuneReport, Segmentation)``."""
     tuned, report = yield from in_threads(
-        finetune_iter(model, volume, labels, slices, iterations=iterations, lr=lr, seed=seed), threads)
+        finetune_iter(model, volume, labels, slices, iterations=iterations, lr=lr, seed=seed, base_name=base_name),
+        threads)
     segmentation = yield from segment_iter(tuned, volume, seed=seed, steps=steps, fire_rate=fire_rate,
                                            threads=threads)
     return tuned, report, segmentation
 
 
-def format_dice(dice: dict[str, float]) -> str:
-    parts = [f"{name} {value:.3f}" for name, value in dice.items() if name != "whole"]
-    return f"{dice.get('whole', float('nan')):.3f}" + (f" ({', '.join(parts)})" if len(parts) > 1 else "")
+def advice_html(report) -> str:
+    """The engine's recommendation first (in the verdict colours), then what the Dice on the painted slices
+    does and does not say."""
+    colour = VERDICT_COLOURS["ok" if report.recommended else "check"]
+    headline = "Use the adapted model" if report.recommended else "Keep the current model"
+    return (f"<b style='color:{colour}'>{headline}</b>: {html.escape(report.advice)}.<br><small>On the "
+            f"{len(report.slices)} painted slice(s) it trained on, Dice went from {report.dice_before['whole']:.3f} "
+            f"to {report.dice_after['whole']:.3f}: it learned them, which says nothing about the others.</small>")
 
 
 class FinetuneStep(QWidget):
@@ -120,6 +132,7 @@ class FinetuneStep(QWidget):
         self.plot = LossPlot(dice_label="", height=90)
         self.result_label = QLabel("")
         self.result_label.setWordWrap(True)
+        self.result_label.setTextFormat(Qt.RichText)
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("name of the adapted model")
         self.name_edit.setToolTip("The name the adapted model is saved under (letters, digits, - _ .)")
@@ -320,7 +333,7 @@ class FinetuneStep(QWidget):
             self.panel.progress, finetune_and_segment, model, volume, np.array(labels.data),
             slices=slices if corrected else None, iterations=int(self.iterations.value()),
             lr=float(self.lr.value()), seed=options["seed"], steps=options["steps"],
-            fire_rate=options["fire_rate"], threads=self.panel.threads,
+            fire_rate=options["fire_rate"], threads=self.panel.threads, base_name=self.panel.picker.combo.currentText(),
             on_yield=self._on_event, on_return=done, on_abort=self._cancelled, on_finish=self._after_run,
             text="fine-tuning…",
         )
@@ -338,12 +351,16 @@ class FinetuneStep(QWidget):
         self.result_label.setText("Cancelled: the chosen model is unchanged, nothing was added.")
 
     def _on_event(self, event):
-        """Training events feed the loss curve and the bar; segmentation progress drives the bar alone."""
-        if getattr(event, "loss", None) is None:
-            return
-        self.plot.add_loss(event.iteration, event.loss)
-        self.panel.progress.show_count(event.iteration, event.total,
-                                       f"fine-tuning {event.iteration}/{event.total}, {event.elapsed:.1f} s")
+        """Training events feed the loss curve and the bar, the cross-validation's the bar alone;
+        segmentation progress drives the bar by itself."""
+        kind = getattr(event, "kind", None)
+        if kind == "step":
+            self.plot.add_loss(event.iteration, event.loss)
+            self.panel.progress.show_count(event.iteration, event.total,
+                                           f"fine-tuning {event.iteration}/{event.total}, {event.elapsed:.1f} s")
+        elif kind == "fold":
+            self.panel.progress.show_count(event.iteration, event.total,
+                                           f"checking it on slices it did not train on {event.iteration}/{event.total}")
 
     def _show_result(self, scan, base_name, options, result):
         model, report, segmentation = result
@@ -360,13 +377,17 @@ class FinetuneStep(QWidget):
         add_result(self.viewer, scan, layer)
         self.plot.set_losses(report.losses)
         self.adapted = (model, report, layer)
-        self.result_label.setText(
-            f"Dice on the {len(report.slices)} painted slice(s) it trained on: before "
-            f"{format_dice(report.dice_before)}, after {format_dice(report.dice_after)}. These slices were "
-            f"seen in training, so this says nothing about the others: look at {layer.name} before keeping."
-        )
+        self.result_label.setText(advice_html(report))
         self.name_edit.setText(f"{base_name}-finetuned")
         self._set_result_buttons(True)
+        self._highlight(self.keep_button if report.recommended else self.revert_button)
+
+    def _highlight(self, button) -> None:
+        """Make ``button`` the suggested choice (and the other one plain)."""
+        for other in (self.keep_button, self.revert_button):
+            chosen = other is button
+            other.setDefault(chosen)
+            other.setStyleSheet(f"font-weight: bold; border: 2px solid {VERDICT_COLOURS['ok']};" if chosen else "")
 
     def _set_result_buttons(self, enabled: bool) -> None:
         for w in (self.name_edit, self.keep_button, self.revert_button):
