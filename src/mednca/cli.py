@@ -136,6 +136,18 @@ def fraction(text: str) -> float:
     return value
 
 
+def cluster_options(p: argparse.ArgumentParser, item: str) -> None:
+    """``--scheduler`` / ``--workers``: the batch as Dask tasks, one per ``item`` (see ``mednca.cluster``)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help=f"run on this running Dask cluster (such as tcp://10.0.0.5:8786), one task per {item}; "
+                            "its workers need napari-nca and the same paths to the files (a shared file system). "
+                            "Needs the cluster extra: pip install 'napari-nca[cluster]'")
+    group.add_argument("--workers", type=whole_number(1), default=None, metavar="N",
+                       help=f"run on N worker processes on this machine (a Dask LocalCluster), one task per {item}; "
+                            "each uses --threads threads (default 1)")
+
+
 SEGMENT_EXAMPLES = """\
 examples:
   mednca segment scan.nii.gz -o scan_seg.nii.gz
@@ -215,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep a results table, one row per scan: verdict (with --quality), NQM, slices worth "
                         "checking, volume of each class in mL (with its sd and 95%% interval across the runs); "
                         "rows of scans skipped in a later run are kept")
+    cluster_options(p, "scan")
 
     p = command("import-reference", "convert the Med-NCA authors' checkpoint folder into a model file",
                 IMPORT_EXAMPLES, cmd_import)
@@ -245,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturb", default="", metavar="A,B,...|all",
                    help="also score every case under these MRI artefacts (fixed strengths, the same scans for every "
                         f"model): {', '.join(ARTEFACTS)}, or all")
+    cluster_options(p, "case")
 
     p = command("train", "train a model on a labelled Decathlon task folder", TRAIN_EXAMPLES, cmd_train)
     p.add_argument("data", type=Path, help="Decathlon task folder (dataset.json, imagesTr/, labelsTr/)")
@@ -293,6 +307,10 @@ def cmd_segment(args) -> int:
         print(f"mednca: {note}", file=sys.stderr)
     table = None if args.report is None else ReportFile(args.report)
     model = load_model(args.model)
+    if args.scheduler or args.workers:
+        from .cluster import segment_on_cluster
+
+        return segment_on_cluster(jobs, args, model, table)
     threads = args.threads or default_threads()
     outcomes = Counter()
     for job in jobs:
@@ -321,8 +339,9 @@ def cmd_segment(args) -> int:
     return 1 if outcomes["failed"] else 0
 
 
-def _segment_one(model, job: Job, args, threads: int) -> tuple[str, str, dict | None]:
-    """Segment one scan and write its results; returns the line to print, the outcome and the results row."""
+def _segment_one(model, job: Job, args, threads: int, bar: bool = True) -> tuple[str, str, dict | None]:
+    """Segment one scan and write its results; returns the line to print, the outcome and the results row.
+    ``bar``: show the scan's progress (a Dask worker does not: its output is not the user's terminal)."""
     start = time.perf_counter()
     volume = read_volume(job.scan)
     if not args.overwrite and _results_exist(job, volume.shape):
@@ -334,7 +353,7 @@ def _segment_one(model, job: Job, args, threads: int) -> tuple[str, str, dict | 
         gen = quality_iter(model, volume, args.quality, **opts)
     else:
         gen = segment_iter(model, volume, **opts)
-    result = _drive(gen, job.scan.name)
+    result = _drive(gen, job.scan.name) if bar else run_to_end(gen)
     seg_path = write_volume(result.labels, job.outputs["seg"])
     volumes = ", ".join(v.text() for v in result.volumes)
     if args.quality:
@@ -479,22 +498,27 @@ def cmd_evaluate(args) -> int:
     elif args.cases is None:
         print(f"the model records no validation cases: evaluating on {len(chosen)} cases, which may include "
               "cases it was trained on", file=sys.stderr)
-    threads = args.threads or default_threads()
-    rows, failed = [], {}
-    with tqdm(total=len(chosen), unit="case", file=sys.stderr, leave=False) as bar:
-        for case in chosen:  # one case at a time, so a case that fails costs only itself
-            bar.set_description(case)
-            try:
-                gen = evaluate_iter(model, args.data, quality_runs=args.quality, seed=args.seed, cases=[case],
-                                    threads=threads, perturb=perturb)
-                rows += run_to_end(gen).rows
-            except MedNCAError as e:
-                failed[case] = str(e).removeprefix(f"case {case}: ")
-            except MemoryError as e:
-                failed[case] = f"not enough memory ({str(e) or 'no detail'})"
-            except OSError as e:
-                failed[case] = _os_text(e)
-            bar.update(1)
+    if args.scheduler or args.workers:
+        from .cluster import evaluate_on_cluster
+
+        rows, failed = evaluate_on_cluster(args, model, chosen, perturb)
+    else:
+        threads = args.threads or default_threads()
+        rows, failed = [], {}
+        with tqdm(total=len(chosen), unit="case", file=sys.stderr, leave=False) as bar:
+            for case in chosen:  # one case at a time, so a case that fails costs only itself
+                bar.set_description(case)
+                try:
+                    gen = evaluate_iter(model, args.data, quality_runs=args.quality, seed=args.seed, cases=[case],
+                                        threads=threads, perturb=perturb)
+                    rows += run_to_end(gen).rows
+                except MedNCAError as e:
+                    failed[case] = str(e).removeprefix(f"case {case}: ")
+                except MemoryError as e:
+                    failed[case] = f"not enough memory ({str(e) or 'no detail'})"
+                except OSError as e:
+                    failed[case] = _os_text(e)
+                bar.update(1)
     meta = {"seed": args.seed, "model": str(args.model), "cases": cases, "failed": failed}
     report = EvaluationReport(rows, tuple(model.config.class_names), args.quality, meta)
     if rows:
