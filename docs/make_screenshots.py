@@ -1,13 +1,14 @@
-"""Make the README's pictures by driving the plugin as a user would, on the shipped phantom.
+"""Make the README's pictures by driving the napari-nca panel as a user would, in a 1366x768 window.
 
-Uses the shipped hippocampus model when the package has one, else the Med-NCA authors' checkpoint from the
-shared folder beside the repository. Run under a display (or ``xvfb-run -a``):
+By default on a real hippocampus MRI that the shipped model never trained on (MSD Task04 hippocampus_056, one
+of its held-out validation cases, from the shared data folder beside the repository), else on the shipped
+synthetic phantom. Run under a display (or ``xvfb-run -a``):
 
     .venv/bin/python docs/make_screenshots.py
 
 Writes docs/images/segmentation.png, growth.gif, quality.png and finetune.png. ``--scan FILE`` uses another
-scan instead of the phantom (the authors' model was trained on real MRI and finds little in the phantom);
-fine-tuning then needs ``--labels FILE``, the scan's label map, from which two slices are "painted".
+scan; fine-tuning then needs ``--labels FILE``, the scan's label map, from which two slices are "painted" as
+corrections on the segmentation.
 """
 
 from __future__ import annotations
@@ -24,34 +25,38 @@ from qtpy.QtWidgets import QApplication
 
 from mednca.datasets import phantom_paths
 from mednca.inference import slice_axis
-from mednca.registry import SHIPPED_DIR
 from mednca.volume import read_volume
 from napari_nca._layers import VOLUME_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "docs" / "images"
-REFERENCE = Path(os.environ.get("MEDNCA_SHARED", REPO.parent / "shared")) / "reference" / "mednca_hippocampus"
+HIPPOCAMPUS = Path(os.environ.get("MEDNCA_SHARED", REPO.parent / "shared")) / "data" / "hippocampus"
+HELD_OUT_CASE = "hippocampus_056.nii.gz"
+WINDOW = (1366, 768)
 
 
-def model_path() -> Path:
-    shipped = SHIPPED_DIR / "hippocampus.safetensors"
-    if shipped.is_file():
-        return shipped
-    if REFERENCE.is_dir():
-        return REFERENCE
-    sys.exit(f"no model: neither {shipped} nor the authors' checkpoint at {REFERENCE} exists")
+def default_scan() -> tuple[Path, Path]:
+    image, labels = HIPPOCAMPUS / "imagesTr" / HELD_OUT_CASE, HIPPOCAMPUS / "labelsTr" / HELD_OUT_CASE
+    if image.is_file() and labels.is_file():
+        return image, labels
+    print(f"{image} not found: using the synthetic phantom")
+    return phantom_paths()
 
 
 def wait(panel) -> None:
-    while panel.busy:
+    while panel.progress.busy:
         QApplication.processEvents()
         time.sleep(0.02)
     QApplication.processEvents()
 
 
-def open_scan(viewer, scan: Path):
+def open_viewer(scan: Path):
+    """A 1366x768 viewer with the scan and the panel, as ``napari -w napari-nca`` opens it."""
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(*WINDOW)
     [image] = viewer.open(str(scan), plugin="napari-nca")
-    return image
+    _, panel = viewer.window.add_plugin_dock_widget("napari-nca")
+    return viewer, panel, image
 
 
 def busiest_slice(labels: np.ndarray, axis: int) -> int:
@@ -59,74 +64,76 @@ def busiest_slice(labels: np.ndarray, axis: int) -> int:
     return int(np.argmax((labels > 0).sum(axis=tuple(a for a in range(3) if a != axis))))
 
 
-def setup(viewer, widget_name: str):
-    _, widget = viewer.window.add_plugin_dock_widget("napari-nca", widget_name)
-    widget.picker.set_path(model_path())
-    return widget
+def show_slice(viewer, layer, axis: int, index: int) -> None:
+    viewer.dims.set_current_step(viewer.dims.ndim - 3 + axis, index)
+    viewer.reset_view()
+    QApplication.processEvents()
 
 
 def segmentation_and_growth(out: Path, scan: Path) -> None:
-    viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1300, 850)
-    image = open_scan(viewer, scan)
-    widget = setup(viewer, "Segment")
-    widget.with_probabilities.value = True
-    widget.segment()
-    wait(widget.progress)
-    seg = viewer.layers[f"{image.name} segmentation"]
-    axis = slice_axis(widget.picker.current_model(), seg.metadata[VOLUME_KEY])
-    viewer.dims.set_current_step(viewer.dims.ndim - 3 + axis, busiest_slice(seg.data, axis))
-    viewer.reset_view()
+    viewer, panel, image = open_viewer(scan)
+    panel.segment.segment()
+    wait(panel)
+    seg = viewer.layers[f"{image.name}_seg"]
+    shown_axis = int(viewer.dims.order[-3]) - (viewer.dims.ndim - 3)  # the slider's axis: the view was kept
+    show_slice(viewer, seg, shown_axis, busiest_slice(seg.data, shown_axis))
     viewer.window.screenshot(str(out / "segmentation.png"), canvas_only=False)
 
-    for layer in list(viewer.layers)[1:]:  # the growth alone over the scan
-        layer.visible = False
-    widget.record_growth()
-    wait(widget.progress)
+    model_axis = slice_axis(panel.picker.current_model(), seg.metadata[VOLUME_KEY])
+    viewer.dims.set_current_step(viewer.dims.ndim - 3 + model_axis, busiest_slice(seg.data, model_axis))
+    panel.segment.record_growth()  # of the slice in the model's plane; the results hide meanwhile
+    wait(panel)
     viewer.reset_view()
-    widget.export_animation(out / "growth.gif", fps=6)
+    panel.segment.export_animation(out / "growth.gif", fps=6)
     viewer.close()
 
 
 def quality(out: Path, scan: Path) -> None:
-    viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1300, 850)
-    open_scan(viewer, scan)
-    widget = setup(viewer, "Quality")
-    widget.compute()
-    wait(widget.progress)
-    first = widget.slices.item(0)
-    if first is not None:
-        widget.slices.setCurrentItem(first)
-        widget.go_to_slice(first)
+    viewer, panel, image = open_viewer(scan)
+    panel.tabs.setCurrentWidget(panel.quality)
+    panel.quality.compute()
+    wait(panel)
+    step = panel.quality
+    if step.slices.count():
+        step.slices.setCurrentRow(0)
+        step.go_to_item(step.slices.item(0))
+    else:
+        axis = step.report.axis
+        step.go_to(busiest_slice(step.report.labels.array, axis))
     viewer.reset_view()
+    QApplication.processEvents()
     viewer.window.screenshot(str(out / "quality.png"), canvas_only=False)
     viewer.close()
 
 
-def finetune(out: Path, scan: Path, labels: Path, iterations: int = 40) -> None:
-    """Paint two slices from the label map, as a user correcting a prediction would, fine-tune, and show the
-    adapted model's segmentation on a slice it was not shown, with the loss curve and the Dice."""
-    viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1300, 950)
-    image = open_scan(viewer, scan)
+def finetune(out: Path, scan: Path, labels: Path) -> None:
+    """Segment, correct two slices of the segmentation from the label map (as a user painting would),
+    fine-tune, and show the adapted model's segmentation on a slice it was not shown, with the advice."""
+    viewer, panel, image = open_viewer(scan)
+    panel.segment.segment()
+    wait(panel)
+    seg = viewer.layers[f"{image.name}_seg"]
     truth = read_volume(labels).array
-    widget = setup(viewer, "Fine-tune")
-    axis = slice_axis(widget.picker.current_model(), read_volume(scan))
+    axis = slice_axis(panel.picker.current_model(), seg.metadata[VOLUME_KEY])
     labelled = np.flatnonzero(truth.any(axis=tuple(a for a in range(3) if a != axis)))
     painted = [int(labelled[len(labelled) // 3]), int(labelled[2 * len(labelled) // 3])]
-    annotation = np.zeros_like(truth)
     for s in painted:
-        np.put_along_axis(annotation, np.full([1 if a == axis else n for a, n in enumerate(truth.shape)], s),
-                          np.take(truth, [s], axis=axis), axis=axis)
-    annotation_layer = viewer.add_labels(annotation, name="annotation", scale=image.scale, translate=image.translate)
-    widget.image.value, widget.labels.value = image, annotation_layer
-    widget.iterations.value = iterations
-    widget.start()
-    wait(widget.progress)
-    annotation_layer.visible = False
-    viewer.dims.set_current_step(viewer.dims.ndim - 3 + axis, (painted[0] + painted[1]) // 2)
-    viewer.reset_view()
+        where = [slice(None)] * 3
+        where[axis] = s
+        region = np.zeros(truth.shape, bool)
+        region[tuple(where)] = True
+        seg.data_setitem(np.nonzero(region), truth[region])
+    panel.tabs.setCurrentWidget(panel.finetune)
+    panel.finetune.show_annotated_slices()
+    panel.finetune.start()
+    wait(panel)
+    QApplication.processEvents()
+    seg.visible = False
+    panel.finetune.paint()  # the view in the model's plane, as the user painted it
+    seg.mode = "pan_zoom"
+    viewer.layers.selection.active = viewer.layers[f"{image.name}_seg_tuned"]
+    show_slice(viewer, seg, axis, (painted[0] + painted[1]) // 2)
+    time.sleep(0.6)  # the loss plot redraws on a timer
     QApplication.processEvents()
     viewer.window.screenshot(str(out / "finetune.png"), canvas_only=False)
     viewer.close()
@@ -137,12 +144,12 @@ if __name__ == "__main__":
 
     main_window.SHOW_QT_WARNING = False  # its toast (PyQt5 deprecation) would cover the canvas
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scan", type=Path, default=phantom_paths()[0], help="scan to show (default: phantom)")
+    parser.add_argument("--scan", type=Path, help="scan to show (default: a held-out MSD case, else the phantom)")
     parser.add_argument("--labels", type=Path, help="label map of --scan, for the fine-tuning picture")
     parser.add_argument("--only", choices=["segmentation", "quality", "finetune"], help="make one picture only")
     args = parser.parse_args()
-    if args.labels is None and args.scan == phantom_paths()[0]:
-        args.labels = phantom_paths()[1]
+    if args.scan is None:
+        args.scan, args.labels = default_scan()
     IMAGES.mkdir(parents=True, exist_ok=True)
     if args.only in (None, "segmentation"):
         segmentation_and_growth(IMAGES, args.scan)
@@ -150,7 +157,6 @@ if __name__ == "__main__":
         quality(IMAGES, args.scan)
     if args.only in (None, "finetune"):
         if args.labels is None:
-            print("no --labels for this scan: the fine-tuning picture is skipped")
-        else:
-            finetune(IMAGES, args.scan, args.labels)
+            sys.exit("no --labels for this scan: the fine-tuning picture needs the scan's label map")
+        finetune(IMAGES, args.scan, args.labels)
     print("\n".join(str(p) for p in sorted(IMAGES.iterdir())))

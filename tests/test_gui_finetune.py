@@ -16,6 +16,7 @@ from gui_support import nca, phantom_copy, tiny_model_path, wait_for, work_unit 
 from mednca.datasets import phantom_paths
 from mednca.registry import list_models, load_model
 from mednca.volume import read_volume
+from napari_nca._colours import VERDICT_COLOURS
 from napari_nca._layers import RESULT_KEY
 
 pytestmark = pytest.mark.gui
@@ -48,8 +49,8 @@ def run(qtbot, panel, work_unit, iterations):  # noqa: F811
 def shows_the_advice(panel, report) -> None:
     """The engine's advice is the readout, and the suggested button follows it."""
     text = panel.finetune.result_label.text()
-    assert html.escape(report.advice) in text
-    assert ("Use the adapted model" if report.recommended else "Keep the current model") in text
+    assert html.escape(report.advice[1:]) in text
+    assert f"color:{VERDICT_COLOURS['ok' if report.recommended else 'check']}" in text
     assert panel.finetune.keep_button.isDefault() == report.recommended
     assert panel.finetune.revert_button.isDefault() == (not report.recommended)
 

@@ -3,7 +3,7 @@
 Points arrive from a worker thread's ``yielded`` signal, possibly dozens per second, and the GUI thread is
 shared with the viewer: on a busy machine a drawing can take a tenth of a second. So a point is only stored
 when it arrives; a timer updates the lines and asks for a redraw at most every ``REDRAW_MS``, the curve drawn
-has at most ``MAX_DRAWN`` points, and the margins are fixed rather than measured again at each draw.
+has at most ``MAX_DRAWN`` points, and the margins are fixed in pixels rather than measured at each draw.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ REDRAW_MS = 500
 MAX_DRAWN = 300  # points per line on screen; a long run is thinned evenly, its ends kept
 
 
-def dark_axes(figure: Figure, left=0.17, right=0.86, bottom=0.22, top=0.95):
-    """One axes in napari's dark theme colours, with fixed margins."""
+MARGINS_PX = {"left": 42, "right": 38, "bottom": 38, "top": 6}  # room for tick labels and axis titles
+
+
+def dark_axes(figure: Figure):
+    """One axes in napari's dark theme colours."""
     figure.clear()
     figure.set_facecolor(BACKGROUND)
-    if figure.get_layout_engine() is None:
-        figure.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
     ax = figure.add_subplot(111)
     ax.set_facecolor(BACKGROUND)
     for side in ax.spines.values():
@@ -64,9 +65,20 @@ class LossPlot(QWidget):
         self.dice: list[tuple[int, float]] = []
         self.draws = 0  # redraws asked for: what the responsiveness tests count
         self._build_axes()
+        self.canvas.mpl_connect("resize_event", self._fit_margins)
+
+    def _fit_margins(self, _event=None) -> None:
+        """Margins fixed in pixels (a fraction of a short plot leaves no room for the labels), set when the
+        size changes rather than measured at every draw."""
+        width, height, m = self.figure.bbox.width, self.figure.bbox.height, MARGINS_PX
+        if width <= 2 * (m["left"] + m["right"]) or height <= 2 * (m["bottom"] + m["top"]):
+            return  # too small to hold them: matplotlib's own fractions
+        self.figure.subplots_adjust(left=m["left"] / width, right=1 - m["right"] / width,
+                                    bottom=m["bottom"] / height, top=1 - m["top"] / height)
 
     def _build_axes(self) -> None:
         ax = dark_axes(self.figure)
+        self._fit_margins()
         ax.set_xlabel("iteration", color=FOREGROUND, fontsize=8)
         ax.set_ylabel("loss", color=LOSS_COLOUR, fontsize=8)
         (self._loss_line,) = ax.plot([], [], color=LOSS_COLOUR, linewidth=1.5)

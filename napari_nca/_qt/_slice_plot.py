@@ -58,7 +58,7 @@ class SliceScorePlot(QWidget):
 
     def _axes(self):
         ax = dark_axes(self.figure)
-        self.figure.set_layout_engine("constrained", h_pad=0.02, w_pad=0.02)
+        self.figure.get_layout_engine().set(h_pad=0.02, w_pad=0.02)
         return ax
 
     def mark(self, index: int) -> None:

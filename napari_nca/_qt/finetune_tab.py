@@ -83,8 +83,8 @@ def advice_html(report) -> str:
     """The engine's recommendation first (in the verdict colours), then what the Dice on the painted slices
     does and does not say."""
     colour = VERDICT_COLOURS["ok" if report.recommended else "check"]
-    headline = "Use the adapted model" if report.recommended else "Keep the current model"
-    return (f"<b style='color:{colour}'>{headline}</b>: {html.escape(report.advice)}.<br><small>On the "
+    advice = report.advice[:1].upper() + report.advice[1:]
+    return (f"<b style='color:{colour}'>{html.escape(advice)}.</b><br><small>On the "
             f"{len(report.slices)} painted slice(s) it trained on, Dice went from {report.dice_before['whole']:.3f} "
             f"to {report.dice_after['whole']:.3f}: it learned them, which says nothing about the others.</small>")
 

@@ -151,9 +151,9 @@ class QualityStep(QWidget):
 
     def _show_report(self, scan, volume, model_path, options, report):
         self.report, self._volume = report, volume
-        for k, cls in enumerate(report.class_names):
-            self._show_uncertainty(scan, volume, report, k, cls)
         self.marked = self._mark_segmentation(scan, volume, model_path, options, report)
+        for k, cls in enumerate(report.class_names):  # above the segmentation: where it is unsure glows
+            self._show_uncertainty(scan, volume, report, k, cls)
         level = report.verdict.level
         self.verdict.setStyleSheet(f"background-color: {VERDICT_COLOURS[level]}; color: white; "
                                    "padding: 4px; border-radius: 3px;")
