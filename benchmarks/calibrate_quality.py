@@ -17,7 +17,8 @@ scans is at most 2. Printed: the limits, detection power (sensitivity for failed
 on clean good ones, AUROC of NQM for Dice < 0.8), the per-slice figures (median flagged slices on clean scans,
 Spearman of slice score against slice Dice on poor scans), and the volume error per class on clean scans.
 ``--write`` stores the limits, with where they come from, in the shipped model file (a new checksum; weights
-untouched). Results go to benchmarks/results/quality_calibration_<model>.txt and .json.
+untouched). Results go to benchmarks/results/quality_calibration_<model>.txt (with a per-condition table of
+Dice, NQM and verdicts) and .json.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def load_rows(path: Path) -> list[dict]:
         r["scattered_f"] = float(r["scattered"])
         r["runs_ml"] = np.array(json.loads(r["run_volumes_ml"]), float)
         r["labelled"] = int(r["pred_voxels"])
-        for key in ("slice_std", "slice_mass", "slice_dice"):
+        for key in ("slice_std", "slice_mass", "slice_dice", "slice_errors"):
             r[key + "_a"] = np.array([np.nan if v is None else v for v in json.loads(r[key])], float)
     return rows
 
@@ -139,22 +140,32 @@ def slice_limit(rows: list[dict]) -> tuple[float, dict]:
             break
     chosen = 3.0 if chosen is None else chosen
     poor = [r for r in rows if r["dice"] < POOR]
-    rhos = []
+    rho_dice, rho_errors, overlap = [], [], []
     for r in poor:
-        s, d = slice_scores(r["slice_std_a"], r["slice_mass_a"]), r["slice_dice_a"]
+        s, d, e = slice_scores(r["slice_std_a"], r["slice_mass_a"]), r["slice_dice_a"], r["slice_errors_a"]
         keep = np.isfinite(d)
         if keep.sum() >= 4:
-            rho = spearman(s[keep], d[keep])
-            if np.isfinite(rho):
-                rhos.append(rho)
+            rho_dice.append(spearman(s[keep], d[keep]))
+        rho_errors.append(spearman(s, e))
+        flagged = np.flatnonzero(s > chosen)
+        if len(flagged):  # how many flagged slices are among as many slices with the most wrong voxels
+            worst = np.argsort(-e, kind="stable")[: len(flagged)]
+            overlap.append(len(set(flagged) & set(worst)) / len(flagged))
     figures = {
         "median_flagged_clean": float(np.median([(s > chosen).sum() for s in scores_clean])),
         "median_flagged_poor": float(np.median([(slice_scores(r["slice_std_a"], r["slice_mass_a"]) > chosen).sum()
                                                 for r in poor])) if poor else float("nan"),
-        "spearman_slice_score_vs_dice_poor_median": float(np.median(rhos)) if rhos else float("nan"),
+        "spearman_slice_score_vs_dice_poor_median": _median(rho_dice),
+        "spearman_slice_score_vs_wrong_voxels_poor_median": _median(rho_errors),
+        "flagged_among_worst_slices_poor_mean": float(np.mean(overlap)) if overlap else float("nan"),
         "poor_scans": len(poor),
     }
     return chosen, figures
+
+
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.median(finite)) if finite else float("nan")
 
 
 def volume_errors(rows: list[dict], path: Path) -> dict:
@@ -164,6 +175,18 @@ def volume_errors(rows: list[dict], path: Path) -> dict:
     spread = [float(r["runs_ml"].std() / r["runs_ml"].mean()) for r in clean if r["runs_ml"].mean() > 0]
     return {"whole_mean_abs_pct_error": 100 * float(np.mean(err)), "cases": len(clean),
             "whole_mean_run_cv_pct": 100 * float(np.mean(spread))}
+
+
+def condition_table(rows: list[dict], levels: list[str]) -> str:
+    """Per condition: cases, mean whole Dice, mean NQM and how many cases got each verdict."""
+    lines = ["condition    cases  Dice mean (min)   NQM mean   verdicts ok/check/fail"]
+    for cond in ["none", *sorted({r["artefact"] for r in rows} - {"none"})]:
+        sel = [i for i, r in enumerate(rows) if r["artefact"] == cond]
+        dice = np.array([rows[i]["dice"] for i in sel])
+        nqm = np.array([rows[i]["nqm_f"] for i in sel])
+        counts = "/".join(str(sum(levels[i] == v for i in sel)) for v in ("ok", "check", "fail"))
+        lines.append(f"{cond:12s} {len(sel):5d}  {dice.mean():.3f} ({dice.min():.3f})    {nqm.mean():.3f}    {counts}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -196,8 +219,10 @@ def main() -> None:
     criteria = QualityCriteria(**{**criteria.to_dict(), "slice_check": limit, "calibration": calibration})
     summary["criteria"] = criteria.to_dict()
     text = json.dumps(summary, indent=2, default=float)
-    print(text)
     (args.results / f"quality_calibration_{args.model}.json").write_text(text + "\n")
+    table = condition_table(rows, verdicts(rows, criteria))
+    (args.results / f"quality_calibration_{args.model}.txt").write_text(table + "\n\n" + text + "\n")
+    print(table + "\n\n" + text)
     if args.write:
         model = load_model(args.model)
         model.provenance["quality_criteria"] = criteria.to_dict()

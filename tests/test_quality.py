@@ -117,3 +117,29 @@ def test_a_quality_map_carries_volumes_runs_and_a_verdict(one_thread):
     assert whole.ml == pytest.approx((report.labels.array > 0).sum() * 0.00075)
     assert whole.runs_mean_ml == pytest.approx(report.run_counts.sum(1).mean() * 0.00075)
     assert report.verdict.level in ("ok", "check", "fail") and report.criteria == DEFAULT_CRITERIA
+
+
+def test_the_shipped_model_carries_calibrated_limits_with_their_provenance():
+    from mednca.registry import load_model
+
+    criteria = criteria_of(load_model("hippocampus").provenance)
+    assert criteria != DEFAULT_CRITERIA
+    calibration = criteria.calibration
+    assert calibration["runs"] == 10 and calibration["cases"] >= 5 and "none" in calibration["conditions"]
+    assert calibration["sensitivity_failed"] == 1.0 and calibration["false_alarms_clean_good"] <= 0.1
+
+
+@pytest.mark.slow
+def test_a_clean_held_out_scan_is_ok_and_the_same_scan_inverted_is_likely_failed(hippocampus_dir, one_thread):
+    from mednca.artefacts import apply_artefact
+    from mednca.registry import load_model
+    from mednca.volume import read_volume
+
+    model = load_model("hippocampus")
+    scan = read_volume(hippocampus_dir / "imagesTr" / "hippocampus_056.nii.gz")  # held out from its training
+    clean = quality_map(model, scan, runs=10, seed=0)
+    assert clean.verdict.level == "ok" and clean.verdict.reasons == ()
+    assert 3.0 < clean.volumes[-1].ml < 4.5  # the reference labels hold 3.73 mL
+    inverted = quality_map(model, apply_artefact(scan, "inversion", 0), runs=10, seed=0)
+    assert inverted.verdict.level == "fail" and inverted.verdict.headline == "likely failed"
+    assert any("disagree" in reason for reason in inverted.verdict.reasons)

@@ -21,9 +21,14 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_nothing_behind(tmp_pa
         raise OSError("disk full")
     assert target.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+    target.chmod(0o640)
     with staging.staged_file(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+    assert target.stat().st_mode & 0o777 == 0o640  # the replaced file's mode, not mkstemp's private one
+    with staging.staged_file(tmp_path / "new.csv") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "new.csv").stat().st_mode & 0o044  # readable by others as any new file
 
 
 def test_a_model_save_killed_midway_leaves_only_a_recognisable_temp_file(tmp_path):
