@@ -7,11 +7,13 @@ from __future__ import annotations
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 from gui_support import (  # noqa: F401 (fixtures)
     assert_not_blank,
     nca,
     open_panel,
     phantom_copy,
+    tiny_model,
     tiny_model_path,
     wait_for,
     work_unit,
@@ -20,7 +22,7 @@ from matplotlib.colors import to_hex
 from napari.layers import Image
 from qtpy.QtCore import Qt
 
-from mednca.registry import SHIPPED_DIR
+from mednca.registry import SHIPPED_DIR, save_user_model
 from napari_nca._colours import BACKGROUND, VERDICT_COLOURS
 from napari_nca._layers import RESULT_KEY
 from napari_nca._qt.quality_tab import FAILED_MARK
@@ -55,26 +57,47 @@ def shows_the_report(panel, report) -> None:
     assert listed == report.flagged_slices  # only the slices the engine flags, worst first
 
 
-def test_a_failed_segmentation_is_marked_red_and_its_slices_listed(phantom_copy, work_unit, make_napari_viewer,  # noqa: F811
-                                                                   qtbot, monkeypatch, tmp_path):
-    # the shipped hippocampus model on the synthetic phantom, which looks nothing like an MRI: it fails
+@pytest.fixture
+def blind_model_path(tiny_model_path):  # noqa: F811
+    """A model that segments nothing (all weights zero): the engine judges that "likely failed" whatever its
+    calibrated limits."""
+    model = tiny_model()
+    with torch.no_grad():
+        for weights in model.parameters():
+            weights.zero_()
+    return save_user_model(model, "blind")
+
+
+def test_a_failed_segmentation_is_marked_red(nca, blind_model_path, qtbot, work_unit):  # noqa: F811
+    viewer, panel, _ = nca
+    panel.picker.set_path(blind_model_path)
+    report = check(qtbot, panel, work_unit, runs=3, units=3)
+    assert report.verdict.level == "fail" and report.verdict.reasons == ("nothing was segmented",)
+    shows_the_report(panel, report)
+    # no segmentation was on screen: the quality run's own labels become the judged layer
+    [seg] = [layer for layer in viewer.layers if layer.metadata.get(RESULT_KEY, {}).get("kind") == "segmentation"]
+    assert seg.name == "phantom_seg" + FAILED_MARK and seg is panel.quality.marked
+    assert seg.metadata[RESULT_KEY]["verdict"] == {"level": "fail", "reasons": ["nothing was segmented"]}
+    assert panel.quality.slices_title.text() == "No slice needs checking" and not panel.quality.slices.isVisible()
+
+
+def test_slices_worth_checking_are_listed_and_a_click_goes_there(phantom_copy, work_unit, make_napari_viewer,  # noqa: F811
+                                                                 qtbot, monkeypatch, tmp_path):
+    # the shipped hippocampus model on the synthetic phantom, which looks nothing like an MRI: unsure slices
     viewer = make_napari_viewer(show=True)
     [image] = viewer.open(str(phantom_copy), plugin="napari-nca")
     panel = open_panel(viewer, monkeypatch)
     panel.picker.set_path(SHIPPED_DIR / "hippocampus.safetensors")
     report = check(qtbot, panel, work_unit, runs=3, units=60)
-    assert report.verdict.level == "fail"
+    assert report.verdict.level != "ok" and report.flagged_slices
     shows_the_report(panel, report)
-    # no segmentation was on screen: the quality run's own labels become the judged layer
-    [seg] = [layer for layer in viewer.layers if layer.metadata.get(RESULT_KEY, {}).get("kind") == "segmentation"]
-    assert seg.name == "phantom_seg" + FAILED_MARK and seg is panel.quality.marked
-    assert seg.metadata[RESULT_KEY]["verdict"]["level"] == "fail"
+    seg = panel.quality.marked
+    assert seg.name == "phantom_seg" + (FAILED_MARK if report.verdict.level == "fail" else "")
     for cls in report.class_names:
         std = viewer.layers[f"phantom_std_{cls}"]
         assert isinstance(std, Image) and std.data.shape == image.data.shape and std.colormap.name == "inferno"
     assert image in panel.scan._layers and len(panel.scan._layers) == 1  # computed maps are not scans
 
-    assert report.flagged_slices, "a failed segmentation with nothing worth checking"
     target = report.flagged_slices[-1]
     viewer.dims.set_current_step(2, 0 if target != 0 else 1)
     item = panel.quality.slices.item(panel.quality.slices.count() - 1)
