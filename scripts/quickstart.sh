@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/mednca segment src/mednca/sample/phantom.nii.gz -o out/ --quality 10
+.venv/bin/mednca segment src/mednca/sample/phantom.nii.gz -o out/ --quality 10 --report out/results.csv --overwrite

@@ -43,7 +43,7 @@ def test_segment_with_quality_writes_the_std_map_beside_the_named_output(model_f
     out = tmp_path / "one.nii.gz"
     assert main(["segment", str(scans / "a.nii.gz"), "-o", str(out), "--model", str(model_file),
                  "--quality", "3", "--seed", "2"]) == 0
-    assert "NQM" in capsys.readouterr().out
+    assert "verdict: " in capsys.readouterr().out
     assert out.exists() and (tmp_path / "one_std.nii.gz").exists()
     assert nib.load(tmp_path / "one_std.nii.gz").get_fdata().dtype.kind == "f"  # the std map, not the labels
 

@@ -360,8 +360,7 @@ def _segment_one(model, job: Job, args, threads: int, bar: bool = True) -> tuple
         write_volume(volume.like(result.std.max(0)), job.outputs["std"])
         worst = ", ".join(str(s) for s in result.flagged_slices[:5]) or "none"
         plane = plane_of(axis_codes(volume.affine), result.axis)
-        judged = (f"\n    verdict: {result.verdict.text()}\n    NQM {result.nqm:.3f}; {plane} slices worth "
-                  f"checking: {worst}")
+        judged = f"\n    verdict: {result.verdict.text()}\n    {plane} slices worth checking: {worst}"
     else:
         judged = "  (not judged: --quality 10 adds a verdict)"
     seconds = time.perf_counter() - start
