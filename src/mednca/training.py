@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import save_model
+from .checkpoint import save_model, weights_digest
 from .data import (
     Case,
     SliceSet,
@@ -45,7 +45,7 @@ from .data import (
 from .errors import CheckpointError, MedNCAError
 from .inference import slice_axis
 from .model import MedNCA, NCAConfig
-from .orientation import Reorientation
+from .orientation import Reorientation, plane_of
 from .preprocess import Preprocessing
 from .progress import run_to_end
 from .staging import staged_file
@@ -96,22 +96,8 @@ class TrainEvent:
     total: int
     loss: float | None
     elapsed: float
-    kind: str  # "step", "eval", "checkpoint" or "done"
+    kind: str  # "step", "eval", "checkpoint", "done", or "fold" (fine-tuning's cross-validation models)
     val_dice: dict[str, float] | None = None
-
-
-@dataclass
-class FinetuneReport:
-    """What fine-tuning did: the slices used (indices along the scan axis the model slices), loss per
-    iteration, time, and Dice on the annotated slices before and after (per class, plus "whole" for the
-    union of classes)."""
-
-    slices: list[int]
-    iterations: int
-    losses: list[float]
-    seconds: float
-    dice_before: dict[str, float]
-    dice_after: dict[str, float]
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -221,10 +207,12 @@ def validation_dice(model: MedNCA, slices: SliceSet, seed: int = 0) -> dict[str,
 
 
 @torch.no_grad()
-def native_dice(model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Dice of one volume (arrays in the model's orientation, as ``load_cases`` gives them) at its own
-    resolution, predicted as inference does (probabilities resized bilinear to the native slice size, then
-    labelled)."""
+def native_masks(
+    model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true boolean masks ``[N, K, h, w]`` of one volume (arrays in the model's orientation, as
+    ``load_cases`` gives them) at its own resolution, predicted as inference does (probabilities resized
+    bilinear to the native slice size, then labelled)."""
     from .preprocess import prepare_slices, restore_slices
 
     axis = model.preprocessing.axis
@@ -235,7 +223,12 @@ def native_dice(model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int 
     lab = torch.from_numpy(np.moveaxis(np.asarray(labels), axis, 0).astype(np.int64)).unsqueeze(1)
     k = model.config.output_channels
     target = (lab > 0) if k == 1 else lab == torch.arange(1, k + 1).view(1, k, 1, 1)
-    return hard_dice(pred, target, model.config.class_names)
+    return pred, target
+
+
+def native_dice(model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Dice of one volume (arrays in the model's orientation) at its own resolution (see ``native_masks``)."""
+    return hard_dice(*native_masks(model, image, labels, seed), model.config.class_names)
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -446,6 +439,67 @@ def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float,
 # ------------------------------------------------------------------------------------------ fine-tuning
 
 
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How a model is adapted to one scan from a few annotated slices. ``FINETUNE`` holds the defaults that
+    the engine, the command line and the plugin share.
+
+    A few slices are learned by heart within tens of steps, and a jump of the weights shows on the slices
+    nobody annotated. So training is gentle: ``iterations`` Adam steps at ``lr`` on ``batch_size`` augmented
+    annotated slices (whole slices through both levels), and the model kept is the running average of the
+    weights (``average`` is the share of the past at each step), which moves smoothly where the raw weights
+    jump from batch to batch. Whether the result is better on the slices that were not annotated is
+    estimated by cross-validation: the annotated slices are dealt into at most ``folds`` groups, and each
+    group is segmented by a model trained the same way on the other groups. The adapted model is
+    recommended only when that estimate beats the base model on the same slices by ``margin`` or more.
+    """
+
+    iterations: int = 40
+    lr: float = 3e-4
+    batch_size: int = 4
+    average: float = 0.9
+    folds: int = 4
+    margin: float = 0.01
+    part: str = "all"
+
+    def __post_init__(self):
+        if self.iterations < 1 or self.batch_size < 1 or self.folds < 2:
+            raise MedNCAError("fine-tuning needs at least 1 iteration, a batch of 1 slice and 2 folds")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise MedNCAError(f"the learning rate must be a positive number, not {self.lr}")
+        if not 0 <= self.average < 1:
+            raise MedNCAError(f"the weight average's share of the past must be in [0, 1), not {self.average}")
+
+
+FINETUNE = FinetuneSettings()
+
+
+@dataclass
+class FinetuneReport:
+    """What fine-tuning did, and what to expect from the adapted model.
+
+    ``estimate_before`` and ``estimate_after`` are the whole-structure Dice expected on the slices that were
+    NOT annotated: for the base model, its Dice on the annotated slices (which it never trained on); for the
+    adapted one, cross-validated (each annotated slice segmented by a model trained without it; None with a
+    single annotated slice). ``recommended`` is True when the adapted model is expected to be better by the
+    settings' margin, and ``advice`` says in one line what to do. ``dice_before`` and ``dice_after`` (per
+    class, plus "whole") are measured on the annotated slices themselves, which the adapted model trained on:
+    they show that it learned them, not that it is better elsewhere. ``slices`` are indices along the scan
+    axis the model slices; ``losses`` the training loss at each iteration of the adapted model.
+    """
+
+    slices: list[int]
+    iterations: int
+    losses: list[float]
+    seconds: float
+    dice_before: dict[str, float]
+    dice_after: dict[str, float]
+    estimate_before: float
+    estimate_after: float | None
+    recommended: bool
+    advice: str
+
+
 def annotated_slices(labels: np.ndarray, axis: int) -> list[int]:
     """Indices along ``axis`` of the slices that carry any label."""
     other = tuple(a for a in range(labels.ndim) if a != axis)
@@ -458,21 +512,62 @@ def finetune_iter(
     labels,
     slices: Sequence[int] | None = None,
     *,
-    iterations: int = 30,
-    lr: float = 1e-3,
-    batch_size: int = 4,
+    iterations: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
+    settings: FinetuneSettings = FINETUNE,
+    base_name: str | None = None,
 ) -> Generator[TrainEvent, None, tuple[MedNCA, FinetuneReport]]:
     """Adapt ``model`` to one scan from a few annotated slices; yields ``TrainEvent``s and returns
-    ``(new_model, FinetuneReport)``. ``model`` itself is never changed.
+    ``(adapted model, FinetuneReport)``. ``model`` itself is never changed.
 
     ``labels`` (array or Volume, the shape of ``volume``) are used on the slices along the model's plane
     (the scan axis ``slice_axis`` names) that carry any label, or on ``slices`` (indices along that axis)
-    when given (then an empty slice teaches "nothing here"). The scan is brought to the model's
-    orientation first, as inference does. Few slices
-    are trained, so they go whole through both levels, with augmentation; each iteration takes
-    ``batch_size`` of them at random.
+    when given (then an empty slice teaches "nothing here"). The scan is brought to the model's orientation
+    first, as inference does. ``settings`` (default ``FINETUNE``) says how; ``iterations``, ``lr`` and
+    ``batch_size`` override it. The adapted model is trained first (events of kind "step", counting its
+    iterations), then the cross-validation models (kind "fold", counting all their iterations together,
+    without a loss). ``base_name`` (the base model's name or file) goes into the adapted model's provenance.
     """
+    overrides = {"iterations": iterations, "lr": lr, "batch_size": batch_size}
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    chosen, axis, image, target = _annotated(model, volume, labels, slices)
+    inputs, onehot = case_slices(image, target, model.config, model.preprocessing)
+    onehot = onehot.float()
+
+    t0 = time.perf_counter()
+    before = native_dice(model, image, target, seed)
+    tuned, losses = yield from _tune(model, inputs, onehot, settings, [seed], "step", t0)
+    after = native_dice(tuned, image, target, seed)
+    estimate = yield from _cross_validate(model, image, target, inputs, onehot, settings, seed, t0)
+    recommended, advice = _advice(before["whole"], estimate, settings.margin)
+    tuned.provenance = {  # the base's held-out Dice was measured on other weights: not carried over
+        **{k: v for k, v in model.provenance.items() if k not in MEASURED_DICE},
+        "finetuned_from": {k: model.provenance.get(k) for k in ("source", "iterations", "finetuned_from")},
+        "finetune": {
+            "base_model": base_name, "base_weights_sha256": _weights_digest(model),
+            "slices": chosen, "axis": axis, "source": str(volume.source) if volume.source else None,
+            "settings": asdict(settings), "seed": seed,
+            "estimate_before": round(before["whole"], 4),
+            "estimate_after": None if estimate is None else round(estimate, 4),
+            "recommended": recommended,
+        },
+    }
+    report = FinetuneReport(chosen, settings.iterations, losses, time.perf_counter() - t0, before, after,
+                            before["whole"], estimate, recommended, advice)
+    yield TrainEvent(settings.iterations, settings.iterations, None, report.seconds, "done")
+    return tuned, report
+
+
+def finetune(model: MedNCA, volume: Volume, labels, slices: Sequence[int] | None = None, **kwargs):
+    """``finetune_iter`` run to the end; returns ``(adapted model, FinetuneReport)``."""
+    return run_to_end(finetune_iter(model, volume, labels, slices, **kwargs))
+
+
+def _annotated(model: MedNCA, volume: Volume, labels, slices) -> tuple[list[int], int, np.ndarray, np.ndarray]:
+    """The slices to learn from (scan indices along the model's plane), that axis, and the image and labels
+    of those slices in the model's orientation and slice order; refuses labels that do not fit."""
     lab = check_labels(labels, volume)
     k = model.config.output_channels
     top = int(lab.max(initial=0))
@@ -481,51 +576,116 @@ def finetune_iter(
             f"the labels hold class {top}, but the model segments only {k} classes {model.config.class_names}"
         )
     axis = slice_axis(model, volume)
+    reorientation = Reorientation.between(volume.affine, model.preprocessing.orientation)
+    plane = plane_of(model.preprocessing.orientation, model.preprocessing.axis)
     chosen = sorted(set(int(s) for s in slices)) if slices is not None else annotated_slices(lab, axis)
     if not chosen:
-        raise MedNCAError(f"no annotated slice along axis {axis}: label at least one slice to fine-tune on")
+        raise MedNCAError(f"no annotated slice along axis {axis} ({plane} slices, the plane the model segments): "
+                          "label at least one slice to fine-tune on")
     n = lab.shape[axis]
     bad = [s for s in chosen if not 0 <= s < n]
     if bad:
         raise MedNCAError(f"slices {bad} lie outside the volume (axis {axis} has {n} slices)")
-    reorientation = Reorientation.between(volume.affine, model.preprocessing.orientation)
     in_model = sorted(n - 1 - s if reorientation.reversed(axis) else s for s in chosen)  # model's slice order
     model_axis = model.preprocessing.axis
     image = np.take(reorientation.to_model(image_array(volume)), in_model, axis=model_axis)
     target = np.take(reorientation.to_model(lab), in_model, axis=model_axis)
-    inputs, onehot = case_slices(image, target, model.config, model.preprocessing)
-    onehot = onehot.float()
+    return chosen, axis, image, target
 
-    t0 = time.perf_counter()
-    before = native_dice(model, image, target, seed)
+
+def _tune(
+    model: MedNCA, inputs: torch.Tensor, onehot: torch.Tensor, settings: FinetuneSettings, seed: list[int],
+    kind: str, t0: float, done: int = 0, total: int | None = None,
+) -> Generator[TrainEvent, None, tuple[MedNCA, list[float]]]:
+    """Train a copy of ``model`` on model-space slices as ``settings`` say; returns the running average of
+    its weights and the loss per iteration. Events of kind "step" carry the loss and count this run's
+    iterations; others count ``done`` + this run's iterations of ``total``, without a loss."""
     tuned = copy.deepcopy(model).train()
-    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for it in range(iterations):
-        idx = torch.randperm(len(chosen), generator=gen)[:batch_size]
+    average = copy.deepcopy(model).eval()
+    masks = _trainable(tuned, settings.part)
+    opt = torch.optim.Adam(tuned.parameters(), lr=settings.lr)
+    state = np.random.SeedSequence(seed).generate_state(2, np.uint32)
+    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    n, losses = len(inputs), []
+    for it in range(settings.iterations):
+        idx = (torch.randperm(n, generator=gen)[: settings.batch_size] if settings.batch_size <= n
+               else torch.randint(n, (settings.batch_size,), generator=gen))
         x, y = augment(inputs[idx], onehot[idx], gen)
         logits, _ = crop_forward(tuned, x, None, 0, gen)
         loss = segmentation_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if masks is not None:
+            for p, m in zip(tuned.parameters(), masks, strict=True):
+                p.grad.mul_(m)
         torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
         opt.step()
+        with torch.no_grad():
+            for mine, live in zip(average.parameters(), tuned.parameters(), strict=True):
+                mine.lerp_(live, 1 - settings.average)
         losses.append(loss.item())
-        yield TrainEvent(it + 1, iterations, losses[-1], time.perf_counter() - t0, "step")
-    tuned.eval()
-    after = native_dice(tuned, image, target, seed)
-    tuned.provenance = {  # the base's held-out Dice was measured on other weights: not carried over
-        **{k: v for k, v in model.provenance.items() if k not in MEASURED_DICE},
-        "finetuned_from": {k: model.provenance.get(k) for k in ("source", "iterations", "finetuned_from")},
-        "finetune": {"slices": chosen, "axis": axis, "iterations": iterations, "lr": lr, "seed": seed,
-                     "source": str(volume.source) if volume.source else None},
-    }
-    report = FinetuneReport(chosen, iterations, losses, time.perf_counter() - t0, before, after)
-    yield TrainEvent(iterations, iterations, None, report.seconds, "done")
-    return tuned, report
+        elapsed = time.perf_counter() - t0
+        if kind == "step":
+            yield TrainEvent(it + 1, settings.iterations, losses[-1], elapsed, kind)
+        else:
+            yield TrainEvent(done + it + 1, total, None, elapsed, kind)
+    return average, losses
 
 
-def finetune(model: MedNCA, volume: Volume, labels, slices: Sequence[int] | None = None, **kwargs):
-    """``finetune_iter`` run to the end; returns ``(new_model, FinetuneReport)``."""
-    return run_to_end(finetune_iter(model, volume, labels, slices, **kwargs))
+def _trainable(model: MedNCA, part: str) -> list[torch.Tensor] | None:
+    """Gradient masks: None trains everything; "input" only the weights that read the image channels and
+    the biases."""
+    if part == "all":
+        return None
+    k = model.config.input_channels
+    masks = []
+    for name, p in model.named_parameters():
+        m = torch.zeros_like(p)
+        if name.endswith("bias"):
+            m[:] = 1
+        elif name.endswith(("perceive.weight", "fc0.weight")):
+            m[:, :k] = 1
+        masks.append(m)
+    return masks
+
+
+def _cross_validate(
+    model: MedNCA, image: np.ndarray, target: np.ndarray, inputs: torch.Tensor, onehot: torch.Tensor,
+    settings: FinetuneSettings, seed: int, t0: float,
+) -> Generator[TrainEvent, None, float | None]:
+    """Whole-structure Dice of the adapted model on slices it did not train on, estimated on the annotated
+    slices: dealt into ``settings.folds`` groups (slice i to group i mod k, so each group spans the structure),
+    each segmented by a model trained on the others; the overlaps of all groups are pooled, as Dice over a
+    volume pools its slices. None with a single slice."""
+    n = len(inputs)
+    k = min(settings.folds, n)
+    if k < 2:
+        return None
+    axis = model.preprocessing.axis
+    overlap, size = 0, 0
+    for fold in range(k):
+        held = list(range(fold, n, k))
+        rest = [i for i in range(n) if i % k != fold]
+        fold_model, _ = yield from _tune(model, inputs[rest], onehot[rest], settings, [seed, fold + 1], "fold", t0,
+                                         fold * settings.iterations, k * settings.iterations)
+        pred, truth = native_masks(fold_model, np.take(image, held, axis), np.take(target, held, axis), seed)
+        pred, truth = pred.any(1), truth.any(1)
+        overlap += 2 * (pred & truth).sum().item()
+        size += pred.sum().item() + truth.sum().item()
+    return 1.0 if size == 0 else overlap / size
+
+
+def _advice(before: float, after: float | None, margin: float) -> tuple[bool, str]:
+    """Whether to use the adapted model, and why, in one line."""
+    if after is None:
+        return False, ("one annotated slice leaves none to check the adapted model on: annotate 2 or more "
+                       "slices; keep the current model")
+    expected = f"expected Dice on the slices it did not train on: {before:.3f} now, {after:.3f} adapted"
+    if after - before >= margin:
+        return True, f"{expected}: use the adapted model"
+    return False, f"the adapted model is not expected to be better ({expected}): keep the current model"
+
+
+def _weights_digest(model: MedNCA) -> str:
+    """The SHA-256 of a model's weights, as its file records it: names the base of a fine-tuned model."""
+    return weights_digest(model.state_dict())
