@@ -154,3 +154,19 @@ def test_integral_float_labels_become_integers():
     assert out.dtype == np.uint8
     np.testing.assert_array_equal(out, labels)
     assert check_labels(labels * 300, volume(np.zeros((3, 3, 3)))).dtype == np.int16
+
+
+def test_a_siemens_mosaic_is_refused_with_how_to_convert_it(tmp_path):
+    folder = tmp_path / "mosaic"
+    folder.mkdir()
+    tiles = sitk.GetImageFromArray(np.arange(64 * 64, dtype=np.int16).reshape(64, 64))
+    for tag, value in {"0008|0008": "ORIGINAL\\PRIMARY\\M\\ND\\MOSAIC", "0008|0060": "MR",
+                       "0020|000e": "1.2.826.0.1.3680043.2.1125.9.1", "0020|0013": "1"}.items():
+        tiles.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(folder / "IM0001.dcm"))
+    writer.Execute(tiles)
+    for path in (folder, folder / "IM0001.dcm"):
+        with pytest.raises(VolumeError, match="Siemens mosaic.*dcm2niix"):
+            read_volume(path)

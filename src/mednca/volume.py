@@ -292,6 +292,7 @@ def _read_dicom_series_of(path: Path) -> Volume:
 
 
 def _read_dicom_files(files, source: Path) -> Volume:
+    _refuse_mosaic(Path(files[0]), source)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(files))
     try:
@@ -299,6 +300,23 @@ def _read_dicom_files(files, source: Path) -> Volume:
     except RuntimeError as e:
         raise VolumeError(f"the DICOM series in {source} cannot be read ({_itk_reason(e)})") from None
     return _from_itk(image, source, [Path(f) for f in files])
+
+
+def _refuse_mosaic(first: Path, source: Path) -> None:
+    """A Siemens mosaic stores a whole volume as tiles of one 2D image (Image Type holds MOSAIC): read as it
+    is, it would be segmented as one slice of tiles. Converters such as dcm2niix unpack it."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(first))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # the series reader reports an unreadable file with its reason
+    kind = reader.GetMetaData("0008|0008") if reader.HasMetaDataKey("0008|0008") else ""
+    if "MOSAIC" in kind.upper():
+        raise VolumeError(
+            f"{source.name} is a Siemens mosaic (a volume tiled into one image): convert it to NIfTI first, "
+            "e.g. with dcm2niix, then open the NIfTI file"
+        )
 
 
 def _from_itk(image: sitk.Image, path: Path, data_files: list[Path]) -> Volume:
