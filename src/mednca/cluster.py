@@ -10,8 +10,8 @@ Nothing finished is lost, whatever stops:
 
 - a worker segments a scan with the in-process code (``cli._segment_one``): the same outputs, the same row,
   the same rule for skipping a scan whose results exist, and every file written atomically on the worker;
-- the results table is kept here and rewritten after each scan, so re-running the command fills in only
-  what is missing;
+- the results table is kept here and rewritten as scans finish (once for the scans that finished together),
+  so re-running the command fills in only what is missing;
 - a scan that fails (a bad file) becomes a failed row; a worker that dies mid-scan costs nothing: the
   scheduler gives its scans to other workers (a scan that keeps killing workers, past Dask's
   ``allowed-failures``, is reported as failed), and the staging folder it left is removed at the end of the run;
@@ -160,17 +160,23 @@ def _worker_model(name: str) -> MedNCA:
         raise RuntimeError(f"the model {name} was not set up on this worker") from None
 
 
-def _finished(futures: dict[Future, object], what: str) -> Iterator[tuple[Future, object, str | None]]:
-    """(future, result, None) or (future, None, error) for every future as it finishes, with a progress bar."""
+def _finished(futures: dict[Future, object], what: str) -> Iterator[list[tuple[Future, object, str | None]]]:
+    """The futures as they finish, in batches of those that finished together (so that a results table is
+    rewritten once per batch, not once per scan, when hundreds of workers finish scans faster than a large
+    table can be written): (future, result, None) or (future, None, error) each, with a progress bar."""
     with tqdm(total=len(futures), unit=what, file=sys.stderr, leave=False) as bar:
-        for future in as_completed(futures):
-            try:
-                yield future, future.result(), None
-            except KilledWorker:
-                yield future, None, "the workers running it died repeatedly (too little memory? see their logs)"
-            except Exception as e:  # raised by the task, not by the scan (those it reports itself)
-                yield future, None, f"{type(e).__name__}: {e}"
-            bar.update(1)
+        for batch in as_completed(futures).batches():
+            yield [_outcome(future) for future in batch]
+            bar.update(len(batch))
+
+
+def _outcome(future: Future) -> tuple[Future, object, str | None]:
+    try:
+        return future, future.result(), None
+    except KilledWorker:
+        return future, None, "the workers running it died repeatedly (too little memory? see their logs)"
+    except Exception as e:  # raised by the task, not by the scan (those it reports itself)
+        return future, None, f"{type(e).__name__}: {e}"
 
 
 # ------------------------------------------------------------------------------------------------ segment
@@ -205,38 +211,45 @@ def segment_on_cluster(jobs: list[Job], args, model: MedNCA, table: ReportFile |
     Ctrl-C cancels the scans not started and waits for those in hand, so that every result a worker writes
     gets its row (a second Ctrl-C leaves them: a worker may then still write a result the table lacks)."""
     options = argparse.Namespace(overwrite=args.overwrite, plane=args.plane, seed=args.seed, quality=args.quality)
+    # A scan with no result yet is computed whatever its task finds: a worker that died after writing a result
+    # but before reporting it has the scan retried, and the retry must make the row, not skip the scan.
+    fresh = argparse.Namespace(**{**vars(options), "overwrite": True})
     threads = args.threads or 1  # single-threaded workers: one per core is the fastest layout
     sent = [Job(_absolute(job.scan), {k: _absolute(p) for k, p in job.outputs.items()}) for job in jobs]
     outcomes = Counter()
 
-    def record(i: int, result, error: str | None) -> None:
-        job = jobs[i]
-        if error is None:
-            line, outcome, row = _as_given(result, job, sent[i])
-        else:
-            line, outcome, row = f"{job.scan}: FAILED: {error}", "failed", failure_row(job.scan, error)
-        tqdm.write(line)
-        outcomes[outcome] += 1
-        if table is not None and row is not None:
-            table.add(row)
+    def record(batch: list[tuple[Future, object, str | None]]) -> None:
+        rows = []
+        for future, result, error in batch:
+            job = jobs[futures[future]]
+            if error is None:
+                line, outcome, row = _as_given(result, job, sent[futures[future]])
+            else:
+                line, outcome, row = f"{job.scan}: FAILED: {error}", "failed", failure_row(job.scan, error)
+            tqdm.write(line)
+            outcomes[outcome] += 1
+            rows += [row] if row is not None else []
+        if table is not None and rows:
+            table.rows.update((row["scan"], row) for row in rows[:-1])
+            table.add(rows[-1])  # writes the table once, with the whole batch
 
     with connect(args.scheduler, args.workers) as client, shared_model(client, model) as name:
         token = uuid.uuid4().hex[:8]
-        futures = {client.submit(segment_scan, name, job, options, threads, pure=False,
-                                 key=f"mednca-segment-{token}-{i}"): i for i, job in enumerate(sent)}
+        futures = {client.submit(segment_scan, name, job, options if _any_exists(job) else fresh, threads,
+                                 pure=False, key=f"mednca-segment-{token}-{i}"): i for i, job in enumerate(sent)}
         recorded = set()
         try:
-            for future, result, error in _finished(futures, "scan"):
-                record(futures[future], result, error)
-                recorded.add(future)  # after: a scan interrupted while being recorded is recorded again
+            for batch in _finished(futures, "scan"):
+                record(batch)
+                recorded.update(future for future, _, _ in batch)  # after: an interrupted record is done again
         except KeyboardInterrupt:
             in_hand = [f for f in _in_hand(client, futures) if f not in recorded]
             client.cancel([f for f in futures if f not in in_hand])
             print(f"mednca: interrupted; finishing the {len(in_hand)} scan(s) in progress (Ctrl-C again to leave "
                   "them)", file=sys.stderr)
             try:
-                for future, result, error in _finished({f: futures[f] for f in in_hand}, "scan"):
-                    record(futures[future], result, error)
+                for batch in _finished({f: futures[f] for f in in_hand}, "scan"):
+                    record(batch)
             except KeyboardInterrupt:
                 client.cancel(in_hand)
             print(f"mednca: stopped after {sum(outcomes.values())} of {len(jobs)} scans; their results are kept, "
@@ -265,6 +278,10 @@ def _in_hand(client: Client, futures) -> list[Future]:
 def _held_keys(dask_worker) -> list:
     """On a worker: the tasks it is running or holds the result of."""
     return [key for key, ts in dask_worker.state.tasks.items() if ts.state in ("executing", "long-running", "memory")]
+
+
+def _any_exists(job: Job) -> bool:
+    return any(path.exists() for path in job.outputs.values())
 
 
 def _absolute(path: Path) -> Path:
@@ -322,7 +339,7 @@ def evaluate_on_cluster(args, model: MedNCA, cases: list[str], perturb) -> tuple
         token = uuid.uuid4().hex[:8]
         futures = {client.submit(evaluate_case, name, _absolute(args.data), case, options, pure=False,
                                  key=f"mednca-evaluate-{token}-{i}"): case for i, case in enumerate(cases)}
-        for future, result, error in _finished(futures, "case"):
+        for future, result, error in (outcome for batch in _finished(futures, "case") for outcome in batch):
             case = futures[future]
             rows, error = result if error is None else ([], error)
             if error is None:
