@@ -83,13 +83,9 @@ def scheduler(tmp_path_factory):
             client.wait_for_workers(2, timeout=WAIT)
             yield address, client, dict(zip(("w0", "w1"), procs[1:], strict=True))
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for proc in procs:  # nothing of theirs to keep: a worker may linger for a minute on a polite request
+            proc.kill()
+            proc.wait()
 
 
 def dask(command: str, scheduler_file: Path, *args) -> list[str]:
