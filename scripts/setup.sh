@@ -15,4 +15,4 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 echo "torch==2.13.0" > .venv/torch-constraint.txt
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e ".[plugin,test]"
+.venv/bin/python -m pip install -q -c .venv/torch-constraint.txt -e ".[plugin,test,cluster]"
