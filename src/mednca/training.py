@@ -441,30 +441,40 @@ def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float,
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """How a model is adapted to one scan from a few annotated slices. ``FINETUNE`` holds the defaults that
-    the engine, the command line and the plugin share.
+    """How a model is adapted to one scan from a few annotated slices, and how it is judged. ``FINETUNE``
+    holds the defaults that the engine, the command line and the plugin share.
 
     A few slices are learned by heart within tens of steps, and a jump of the weights shows on the slices
-    nobody annotated. So training is gentle: ``iterations`` Adam steps at ``lr`` on ``batch_size`` augmented
-    annotated slices (whole slices through both levels), and the model kept is the running average of the
-    weights (``average`` is the share of the past at each step), which moves smoothly where the raw weights
-    jump from batch to batch. Whether the result is better on the slices that were not annotated is
-    estimated by cross-validation: the annotated slices are dealt into at most ``folds`` groups, and each
-    group is segmented by a model trained the same way on the other groups. The adapted model is
-    recommended only when that estimate beats the base model on the same slices by ``margin`` or more.
+    nobody annotated. So training is gentle: ``iterations`` Adam steps at ``lr``, each on ``batch_size``
+    augmented ``crop``-sized windows of the annotated slices at the fine level (None: whole slices), and
+    the model kept is the running average of the weights (``average`` is the share of the past at each
+    step), which moves smoothly where the raw weights jump from batch to batch.
+
+    The judgement: on a slice it did not train on, the adapted model's Dice falls with the distance to the
+    nearest annotated slice. Both ends are measured: next to them, its Dice on the annotated slices
+    themselves; as far away as the annotated slices are from each other, cross-validation (the annotated
+    slices dealt into at most ``folds`` groups, each segmented by a model trained the same way without
+    it). The Dice expected on the slices that were not annotated interpolates between the two by their
+    distance. Every Dice is pooled over ``runs`` stochastic runs. The adapted model is recommended when that
+    estimate beats the base model's Dice on the annotated slices by ``margin`` or more, and the held-out
+    groups lost at most ``far_loss`` against the base model.
     """
 
     iterations: int = 40
     lr: float = 3e-4
-    batch_size: int = 4
+    batch_size: int = 8
+    crop: int | None = 32
     average: float = 0.9
     folds: int = 4
-    margin: float = 0.01
-    part: str = "all"
+    runs: int = 3
+    margin: float = 0.02
+    far_loss: float = 0.05
 
     def __post_init__(self):
-        if self.iterations < 1 or self.batch_size < 1 or self.folds < 2:
-            raise MedNCAError("fine-tuning needs at least 1 iteration, a batch of 1 slice and 2 folds")
+        if min(self.iterations, self.batch_size, self.runs) < 1 or self.folds < 2:
+            raise MedNCAError("fine-tuning needs at least 1 iteration, a batch of 1 window, 1 run and 2 folds")
+        if self.crop is not None and self.crop < 1:
+            raise MedNCAError(f"the fine-tuning window must be at least 1 pixel, not {self.crop}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise MedNCAError(f"the learning rate must be a positive number, not {self.lr}")
         if not 0 <= self.average < 1:
@@ -472,6 +482,7 @@ class FinetuneSettings:
 
 
 FINETUNE = FinetuneSettings()
+FOREGROUND_CROPS = 0.8  # share of fine-tuning windows that hold annotated structure
 
 
 @dataclass
@@ -480,12 +491,13 @@ class FinetuneReport:
 
     ``estimate_before`` and ``estimate_after`` are the whole-structure Dice expected on the slices that were
     NOT annotated: for the base model, its Dice on the annotated slices (which it never trained on); for the
-    adapted one, cross-validated (each annotated slice segmented by a model trained without it; None with a
-    single annotated slice). ``recommended`` is True when the adapted model is expected to be better by the
-    settings' margin, and ``advice`` says in one line what to do. ``dice_before`` and ``dice_after`` (per
-    class, plus "whole") are measured on the annotated slices themselves, which the adapted model trained on:
-    they show that it learned them, not that it is better elsewhere. ``slices`` are indices along the scan
-    axis the model slices; ``losses`` the training loss at each iteration of the adapted model.
+    adapted one, the estimate ``FinetuneSettings`` describes (None with a single annotated slice).
+    ``held_out_dice`` is the cross-validation's part of it: the Dice on annotated slices of models trained
+    without them. ``recommended`` is True when the adapted model is expected to be better, and ``advice``
+    says in one line what to do. ``dice_before`` and ``dice_after`` (per class, plus "whole") are measured
+    on the annotated slices themselves, which the adapted model trained on: they show that it learned them,
+    not that it is better elsewhere. ``slices`` are indices along the scan axis the model slices; ``losses``
+    the training loss at each iteration of the adapted model.
     """
 
     slices: list[int]
@@ -496,6 +508,7 @@ class FinetuneReport:
     dice_after: dict[str, float]
     estimate_before: float
     estimate_after: float | None
+    held_out_dice: float | None
     recommended: bool
     advice: str
 
@@ -532,7 +545,7 @@ def finetune_iter(
     """
     overrides = {"iterations": iterations, "lr": lr, "batch_size": batch_size}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    chosen, axis, image, target = _annotated(model, volume, labels, slices)
+    chosen, axis, n, image, target = _annotated(model, volume, labels, slices)
     inputs, onehot = case_slices(image, target, model.config, model.preprocessing)
     onehot = onehot.float()
 
@@ -540,8 +553,13 @@ def finetune_iter(
     before = native_dice(model, image, target, seed)
     tuned, losses = yield from _tune(model, inputs, onehot, settings, [seed], "step", t0)
     after = native_dice(tuned, image, target, seed)
-    estimate = yield from _cross_validate(model, image, target, inputs, onehot, settings, seed, t0)
-    recommended, advice = _advice(before["whole"], estimate, settings.margin)
+    held_out = yield from _cross_validate(model, image, target, inputs, onehot, settings, seed, t0)
+    estimate_before = _dice(_overlap(model, image, target, seed, settings.runs))
+    estimate = None
+    if held_out is not None:
+        near = _proximity(chosen, n)
+        estimate = near * _dice(_overlap(tuned, image, target, seed, settings.runs)) + (1 - near) * held_out
+    recommended, advice = _advice(estimate_before, estimate, held_out, settings)
     tuned.provenance = {  # the base's held-out Dice was measured on other weights: not carried over
         **{k: v for k, v in model.provenance.items() if k not in MEASURED_DICE},
         "finetuned_from": {k: model.provenance.get(k) for k in ("source", "iterations", "finetuned_from")},
@@ -549,13 +567,14 @@ def finetune_iter(
             "base_model": base_name, "base_weights_sha256": _weights_digest(model),
             "slices": chosen, "axis": axis, "source": str(volume.source) if volume.source else None,
             "settings": asdict(settings), "seed": seed,
-            "estimate_before": round(before["whole"], 4),
+            "estimate_before": round(estimate_before, 4),
             "estimate_after": None if estimate is None else round(estimate, 4),
+            "held_out_dice": None if held_out is None else round(held_out, 4),
             "recommended": recommended,
         },
     }
     report = FinetuneReport(chosen, settings.iterations, losses, time.perf_counter() - t0, before, after,
-                            before["whole"], estimate, recommended, advice)
+                            estimate_before, estimate, held_out, recommended, advice)
     yield TrainEvent(settings.iterations, settings.iterations, None, report.seconds, "done")
     return tuned, report
 
@@ -565,9 +584,12 @@ def finetune(model: MedNCA, volume: Volume, labels, slices: Sequence[int] | None
     return run_to_end(finetune_iter(model, volume, labels, slices, **kwargs))
 
 
-def _annotated(model: MedNCA, volume: Volume, labels, slices) -> tuple[list[int], int, np.ndarray, np.ndarray]:
-    """The slices to learn from (scan indices along the model's plane), that axis, and the image and labels
-    of those slices in the model's orientation and slice order; refuses labels that do not fit."""
+def _annotated(
+    model: MedNCA, volume: Volume, labels, slices
+) -> tuple[list[int], int, int, np.ndarray, np.ndarray]:
+    """The slices to learn from (scan indices along the model's plane), that axis, its number of slices, and
+    the image and labels of those slices in the model's orientation and slice order; refuses labels that do
+    not fit."""
     lab = check_labels(labels, volume)
     k = model.config.output_channels
     top = int(lab.max(initial=0))
@@ -590,7 +612,7 @@ def _annotated(model: MedNCA, volume: Volume, labels, slices) -> tuple[list[int]
     model_axis = model.preprocessing.axis
     image = np.take(reorientation.to_model(image_array(volume)), in_model, axis=model_axis)
     target = np.take(reorientation.to_model(lab), in_model, axis=model_axis)
-    return chosen, axis, image, target
+    return chosen, axis, n, image, target
 
 
 def _tune(
@@ -602,22 +624,24 @@ def _tune(
     iterations; others count ``done`` + this run's iterations of ``total``, without a loss."""
     tuned = copy.deepcopy(model).train()
     average = copy.deepcopy(model).eval()
-    masks = _trainable(tuned, settings.part)
     opt = torch.optim.Adam(tuned.parameters(), lr=settings.lr)
     state = np.random.SeedSequence(seed).generate_state(2, np.uint32)
     gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
     n, losses = len(inputs), []
+    crop = settings.crop if settings.crop is not None and settings.crop < min(model.config.input_size) else None
     for it in range(settings.iterations):
         idx = (torch.randperm(n, generator=gen)[: settings.batch_size] if settings.batch_size <= n
                else torch.randint(n, (settings.batch_size,), generator=gen))
         x, y = augment(inputs[idx], onehot[idx], gen)
-        logits, _ = crop_forward(tuned, x, None, 0, gen)
+        if crop is None:
+            logits, _ = crop_forward(tuned, x, None, 0, gen)
+        else:
+            origins = crop_origins(y, crop, FOREGROUND_CROPS, gen)
+            logits, _ = crop_forward(tuned, x, origins, crop, gen)
+            y = _crop(y, origins, crop)
         loss = segmentation_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if masks is not None:
-            for p, m in zip(tuned.parameters(), masks, strict=True):
-                p.grad.mul_(m)
         torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
@@ -632,58 +656,70 @@ def _tune(
     return average, losses
 
 
-def _trainable(model: MedNCA, part: str) -> list[torch.Tensor] | None:
-    """Gradient masks: None trains everything; "input" only the weights that read the image channels and
-    the biases."""
-    if part == "all":
-        return None
-    k = model.config.input_channels
-    masks = []
-    for name, p in model.named_parameters():
-        m = torch.zeros_like(p)
-        if name.endswith("bias"):
-            m[:] = 1
-        elif name.endswith(("perceive.weight", "fc0.weight")):
-            m[:, :k] = 1
-        masks.append(m)
-    return masks
-
-
 def _cross_validate(
     model: MedNCA, image: np.ndarray, target: np.ndarray, inputs: torch.Tensor, onehot: torch.Tensor,
     settings: FinetuneSettings, seed: int, t0: float,
 ) -> Generator[TrainEvent, None, float | None]:
-    """Whole-structure Dice of the adapted model on slices it did not train on, estimated on the annotated
-    slices: dealt into ``settings.folds`` groups (slice i to group i mod k, so each group spans the structure),
-    each segmented by a model trained on the others; the overlaps of all groups are pooled, as Dice over a
-    volume pools its slices. None with a single slice."""
+    """Whole-structure Dice on annotated slices of models trained without them: the slices are dealt into at
+    most ``settings.folds`` groups (slice i to group i mod k, so each group spans the structure and its
+    slices' nearest neighbours are in other groups), each segmented by a model trained on the others; the
+    overlaps of all groups are pooled, as Dice over a volume pools its slices. None with a single slice."""
     n = len(inputs)
     k = min(settings.folds, n)
     if k < 2:
         return None
     axis = model.preprocessing.axis
-    overlap, size = 0, 0
+    total = np.zeros(2)
     for fold in range(k):
         held = list(range(fold, n, k))
         rest = [i for i in range(n) if i % k != fold]
         fold_model, _ = yield from _tune(model, inputs[rest], onehot[rest], settings, [seed, fold + 1], "fold", t0,
                                          fold * settings.iterations, k * settings.iterations)
-        pred, truth = native_masks(fold_model, np.take(image, held, axis), np.take(target, held, axis), seed)
+        total += _overlap(fold_model, np.take(image, held, axis), np.take(target, held, axis), seed, settings.runs)
+    return _dice(total)
+
+
+def _overlap(model: MedNCA, image: np.ndarray, target: np.ndarray, seed: int, runs: int) -> np.ndarray:
+    """Twice the overlap and the total size of predicted and true structure (all classes together), summed
+    over ``runs`` stochastic runs: Dice pooled over runs is steadier than one run's."""
+    total = np.zeros(2)
+    for run in range(runs):
+        pred, truth = native_masks(model, image, target, seed + run)
         pred, truth = pred.any(1), truth.any(1)
-        overlap += 2 * (pred & truth).sum().item()
-        size += pred.sum().item() + truth.sum().item()
-    return 1.0 if size == 0 else overlap / size
+        total += (2 * (pred & truth).sum().item(), pred.sum().item() + truth.sum().item())
+    return total
 
 
-def _advice(before: float, after: float | None, margin: float) -> tuple[bool, str]:
+def _dice(overlap: np.ndarray) -> float:
+    return 1.0 if overlap[1] == 0 else float(overlap[0] / overlap[1])
+
+
+def _proximity(chosen: list[int], n: int) -> float:
+    """How near the slices that were not annotated lie to annotated ones: the mean over them of
+    1 - distance / gap, at least 0, where the gap is the mean distance of an annotated slice to its nearest
+    annotated neighbour (how far the cross-validation's held-out slices are from the slices their models
+    trained on). Slices beyond the annotated range by more than the gap (mostly empty) are left out."""
+    gap = float(np.mean([min(abs(s - t) for t in chosen if t != s) for s in chosen]))
+    others = [s for s in range(n) if s not in chosen and chosen[0] - gap <= s <= chosen[-1] + gap]
+    if not others:
+        return 1.0
+    distance = np.array([min(abs(s - t) for t in chosen) for s in others])
+    return float(np.mean(np.clip(1 - distance / gap, 0, 1)))
+
+
+def _advice(before: float, after: float | None, held_out: float | None, settings: FinetuneSettings
+            ) -> tuple[bool, str]:
     """Whether to use the adapted model, and why, in one line."""
-    if after is None:
+    if after is None or held_out is None:
         return False, ("one annotated slice leaves none to check the adapted model on: annotate 2 or more "
                        "slices; keep the current model")
     expected = f"expected Dice on the slices it did not train on: {before:.3f} now, {after:.3f} adapted"
-    if after - before >= margin:
-        return True, f"{expected}: use the adapted model"
-    return False, f"the adapted model is not expected to be better ({expected}): keep the current model"
+    if held_out < before - settings.far_loss:
+        return False, (f"the adapted model is not expected to be better ({expected}, but models trained without "
+                       f"some annotated slices did worse on those: {held_out:.3f}): keep the current model")
+    if after - before < settings.margin:
+        return False, f"the adapted model is not expected to be better ({expected}): keep the current model"
+    return True, f"{expected}: use the adapted model"
 
 
 def _weights_digest(model: MedNCA) -> str:
