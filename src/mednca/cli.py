@@ -35,8 +35,8 @@ from .registry import DEFAULT_MODEL, list_models, load_model, resolve
 from .report import ReportFile, failure_row, result_row
 from .staging import remove_stale_temp
 from .threads import default_threads
-from .training import AUTHORS_RECIPE, Recipe, train_iter
-from .volume import read_volume, write_volume
+from .training import AUTHORS_RECIPE, FINETUNE, Recipe, finetune_iter, train_iter
+from .volume import check_labels, read_volume, write_volume
 
 DESCRIPTION = """\
 Segment medical scans (the hippocampus in MRI) with Med-NCA models,
@@ -289,6 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the fine-level training window (default: the recipe's, 16); larger sees more context")
     p.add_argument("--no-augment", action="store_true", help="train on the slices as they are")
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
+    p = command("finetune", "adapt a model to one scan from a few annotated slices", FINETUNE_EXAMPLES, cmd_finetune)
+    p.add_argument("scan", type=Path, help="the scan (a file, or a DICOM series folder)")
+    p.add_argument("labels", type=Path,
+                   help="label map on the scan's grid (same shape and geometry) in the model's classes; the slices "
+                        "with any label are learned from")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the adapted model (a new .safetensors file)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--slices", type=whole_number(0), nargs="+", default=None, metavar="S",
+                   help="learn from these slices only (indices along the scan axis the model slices), labelled or "
+                        "not: an empty one teaches 'nothing here' (default: every slice with a label)")
+    p.add_argument("--iterations", type=whole_number(1), default=FINETUNE.iterations,
+                   help="training steps of the adapted model (and of each model that checks it)")
+    p.add_argument("--lr", type=learning_rate, default=FINETUNE.lr, help="learning rate")
+    p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0,
+                   help="seeds batches, augmentation and the model's random cell updates: the same seed gives the "
+                        "same model")
+    p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
+    p.add_argument("--force", action="store_true",
+                   help="write the adapted model even when it is not expected to segment the other slices better")
     return parser
 
 
@@ -676,6 +695,69 @@ def _resume_command(args, checkpoint: Path) -> str:
             parts += [flag, str(value)]
     parts += [flag for flag, on in (("--authors-recipe", args.authors_recipe), ("--no-augment", args.no_augment)) if on]
     return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- finetune
+
+FINETUNE_EXAMPLES = """\
+examples:
+  mednca finetune scan.nii.gz scan_corrected.nii.gz -o my_scanner.safetensors
+      adapt the default model to this scan from the slices labelled in scan_corrected.nii.gz
+  mednca finetune scan.nii.gz labels.nii.gz -o adapted.safetensors --model my_model --slices 12 18 24
+      learn from those three slices only; then: mednca segment scan.nii.gz -o out/ --model adapted.safetensors
+
+Label 3 to 5 slices spread over the structure. Each annotated slice is left out in turn to estimate the Dice
+on the slices that were not annotated, before and after; the adapted model is written only when it is
+expected to be better (--force writes it anyway). The model file records the base model, the slices used
+and the estimate."""
+
+
+def cmd_finetune(args) -> int:
+    new_file(args.output, "the model file", ".safetensors")
+    model = load_model(args.model)
+    scan = read_volume(args.scan)
+    labels = read_volume(args.labels)
+    try:
+        check_labels(labels, scan)
+    except MedNCAError as e:
+        raise MedNCAError(f"{args.labels} does not fit {args.scan}: {' '.join(str(e).split())}") from None
+    gen = finetune_iter(model, scan, labels, args.slices, iterations=args.iterations, lr=args.lr, seed=args.seed,
+                        base_name=str(args.model))
+    bars = []  # made at the first step: labels that do not fit are refused before any bar is drawn
+    try:
+        with torch_threads(args.threads or default_threads()):
+            tuned, report = run_to_end(gen, lambda event: _finetune_progress(bars, event, args.iterations))
+    finally:
+        for bar in bars:
+            bar.close()
+    plane = plane_of(model.preprocessing.orientation, model.preprocessing.axis)
+    print(f"fine-tuned {args.model} on {len(report.slices)} {plane} slice(s) of {args.scan} "
+          f"({', '.join(map(str, report.slices))}) in {report.seconds:.0f} s")
+    print(f"Dice on the annotated slices, which it trained on: {report.dice_before['whole']:.3f} -> "
+          f"{report.dice_after['whole']:.3f}")
+    after = "no estimate" if report.estimate_after is None else f"{report.estimate_after:.3f}"
+    print(f"expected Dice on the slices it did not train on: {report.estimate_before:.3f} -> {after}")
+    print(report.advice)
+    if not report.recommended and not args.force:
+        raise MedNCAError(f"{args.output} was not written: the adapted model is not expected to be better "
+                          "(--force writes it anyway)")
+    path = save_model(tuned, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def _finetune_progress(bars: list, event, iterations: int) -> None:
+    """One bar over the whole job: the adapted model's steps, then those of the models that check it."""
+    if not bars:
+        bars.append(tqdm(total=iterations, unit="it", file=sys.stderr, leave=False))
+    bar = bars[0]
+    if event.kind == "step":
+        bar.set_description("training")
+        bar.total, bar.n = iterations, event.iteration
+    elif event.kind == "fold":
+        bar.set_description("checking on held-out slices")
+        bar.total, bar.n = iterations + event.total, iterations + event.iteration
+    bar.refresh()
 
 
 if __name__ == "__main__":
