@@ -108,7 +108,12 @@ def crop_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training forward pass: all levels but the last on the whole slice, the last on a ``crop``-sized window
     at ``origins [B, 2]`` (row, col) of the upsampled state, or on the whole slice when ``origins`` is None.
-    Returns the logits of the last level and of level 0 (for the coarse auxiliary loss)."""
+    Returns the logits of the last level and of level 0 (for the coarse auxiliary loss).
+
+    The window is read from the coarser state directly (``_upsampled_window``): upsampling the whole state
+    and cutting the window out of it gives the same numbers, forward and backward, but its backward pass
+    fills a gradient the size of the whole upsampled batch for every window, a cost growing with the
+    batch size squared (a quarter of a training step at batch 40)."""
     cfg = model.config
     k = cfg.input_channels
     state = None
@@ -118,12 +123,15 @@ def crop_forward(
         img = images if size == tuple(images.shape[-2:]) else F.interpolate(
             images, size=size, mode="bilinear", align_corners=False
         )
+        window = level == cfg.levels - 1 and origins is not None
+        if window:
+            img = _crop(img, origins, crop)
         if state is None:
-            state = img.new_zeros((img.shape[0], cfg.channels, *size))
+            state = img.new_zeros((img.shape[0], cfg.channels, *img.shape[-2:]))
+        elif window:
+            state = _upsampled_window(state, origins, crop, cfg.downscale)
         else:
             state = F.interpolate(state, scale_factor=cfg.downscale, mode="nearest")
-        if level == cfg.levels - 1 and origins is not None:
-            state, img = _crop(state, origins, crop), _crop(img, origins, crop)
         state = state.contiguous(memory_format=torch.channels_last)
         state[:, :k] = img
         for _ in range(cfg.steps[level]):
@@ -134,8 +142,26 @@ def crop_forward(
     return state[:, k : k + cfg.output_channels], coarse
 
 
-def _crop(x: torch.Tensor, origins: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.stack([x[b, :, r : r + size, c : c + size] for b, (r, c) in enumerate(origins.tolist())])
+def _crop(x: torch.Tensor, origins: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """The ``size`` windows of ``x [B, C, H, W]`` at ``origins [B, 2]`` (row, col), one per batch item, in one
+    gather (its backward adds into one gradient of the input's size, not one per item)."""
+    rows, cols = (size, size) if isinstance(size, int) else size
+    r = origins[:, 0, None] + torch.arange(rows)
+    c = origins[:, 1, None] + torch.arange(cols)
+    b = torch.arange(x.shape[0])[:, None, None]
+    return x[b, :, r[:, :, None], c[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def _upsampled_window(coarse: torch.Tensor, origins: torch.Tensor, size: int, factor: int) -> torch.Tensor:
+    """``_crop(F.interpolate(coarse, scale_factor=factor, mode="nearest"), origins, size)`` without the
+    whole upsampled state: the coarse cells under each window are gathered, upsampled, and the window cut
+    from them. Bit-identical forward and backward (the upsampling's backward adds up the same values of
+    each cell's block in the same order; the gathers' backward only places values)."""
+    h, w = coarse.shape[-2:]
+    n_r, n_c = min(h, (size - 2) // factor + 2), min(w, (size - 2) // factor + 2)  # cells a window can touch
+    start = torch.stack(((origins[:, 0] // factor).clamp(max=h - n_r), (origins[:, 1] // factor).clamp(max=w - n_c)), 1)
+    cells = F.interpolate(_crop(coarse, start, (n_r, n_c)), scale_factor=factor, mode="nearest")
+    return _crop(cells, origins - start * factor, size)
 
 
 def crop_origins(labels: torch.Tensor, crop: int, foreground: float, gen: torch.Generator) -> torch.Tensor:
