@@ -1,15 +1,24 @@
 """The faster training paths compute what the plain ones do: the level-1 window read from the coarse state
-gives the loss and gradients of cutting it out of the whole upsampled state, bit for bit."""
+gives the loss and gradients of cutting it out of the whole upsampled state, bit for bit; processes sharing
+a batch get the whole batch's loss and gradient, train as one process does, and resume from checkpoints."""
 
 from __future__ import annotations
 
+import copy
+import threading
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
-from training_support import TINY
+from training_support import TINY, toy_case
 
+from mednca.data_parallel import BatchShare
+from mednca.errors import MedNCAError
 from mednca.model import MedNCA, NCAConfig
-from mednca.training import HIPPOCAMPUS, _crop, crop_forward, segmentation_loss
+from mednca.training import HIPPOCAMPUS, Recipe, _crop, crop_forward, segmentation_loss, train_iter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,3 +87,113 @@ def test_window_from_the_coarse_state_is_bit_identical(config, batch, crop):
     assert torch.equal(ours[0], plain[0]) and torch.equal(ours[1], plain[1])
     assert all(torch.equal(a, b) for a, b in zip(ours[2], plain[2], strict=True))
     assert all(g.abs().sum() > 0 for g in ours[2])  # every weight of both levels got a gradient
+
+
+# --------------------------------------------------------------------------------------- data-parallel
+
+
+def shared_batch_grads(model, images, labels, origins, crop, share=None):
+    """Loss and summed gradients of one batch, computed by this process's share of it (all of it without
+    ``share``), the way a training step does."""
+    model.zero_grad(set_to_none=True)
+    part = slice(None) if share is None else share.part(len(images))
+    logits, _ = crop_forward(model, images, origins, crop, torch.Generator().manual_seed(7), part)
+    loss = segmentation_loss(logits, _crop(labels[part], origins[part], crop), share)
+    loss.backward()
+    if share is not None:
+        share.sum_gradients(model.parameters())
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def in_threads(size, fn):
+    """``fn(share)`` on ``size`` ranks of one gloo group, each in a thread of this process."""
+    store = dist.HashStore()
+    results = [None] * size
+
+    def run(rank):
+        group = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=60))
+        results[rank] = fn(BatchShare(group, rank, size))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def relative_error(a, b):
+    return max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(("size", "batch"), [(2, 6), (2, 5), (3, 7)])
+def test_shares_of_a_batch_add_up_to_the_whole_batch_gradient(size, batch):
+    model = MedNCA(HIPPOCAMPUS)
+    images, labels, origins = random_batch(HIPPOCAMPUS, batch, 16, seed=batch)
+    exact_loss, exact = shared_batch_grads(copy.deepcopy(model).double(), images.double(), labels.double(),
+                                           origins, 16)
+    whole_loss, whole = shared_batch_grads(copy.deepcopy(model), images, labels, origins, 16)
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        shares = in_threads(size, lambda share, dtype=dtype: shared_batch_grads(
+            copy.deepcopy(model).to(dtype), images.to(dtype), labels.to(dtype), origins, 16, share))
+        for loss, grads in shares:  # every process holds the whole batch's loss and gradient
+            assert loss.item() == pytest.approx(exact_loss.item(), rel=tolerance)
+            assert relative_error(grads, exact) < tolerance
+        assert all(torch.equal(a, b) for a, b in zip(shares[0][1], shares[-1][1], strict=True))
+    assert relative_error(whole, exact) < 1e-5  # the single process's own rounding, for comparison
+    assert whole_loss.item() == pytest.approx(exact_loss.item(), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return [toy_case(s) for s in range(6)]
+
+
+def run(toy, **kw):
+    args = dict(config=TINY, recipe=Recipe(lr=1e-2, warmup=3, crop=8), iterations=8, batch_size=5,
+                val_fraction=0.34, eval_every=4, log_every=1, eval_slices=None)
+    return train_iter(toy, **{**args, **kw})
+
+
+def finish(gen):
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        return events, stop.value
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(toy):
+    return finish(run(toy, workers=2))
+
+
+def test_two_processes_train_as_one(toy, two_worker_run):
+    events, model = two_worker_run
+    one_events, one = finish(run(toy))
+    losses = [e.loss for e in events if e.kind == "step"]
+    assert losses == pytest.approx([e.loss for e in one_events if e.kind == "step"], rel=1e-4)
+    for a, b in zip(model.parameters(), one.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not mp.active_children()  # the worker ended with the run
+
+
+def test_a_data_parallel_run_resumes_from_its_checkpoint(toy, two_worker_run, tmp_path):
+    ckpt = tmp_path / "state.safetensors"
+    gen = run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3)
+    for event in gen:
+        if event.kind == "checkpoint":
+            break
+    gen.close()  # cancelled: the worker is ended, not left waiting
+    assert event.iteration == 3 and not mp.active_children()
+    events, resumed = finish(run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3, resume=True))
+    assert events[0].iteration == 4
+    straight = two_worker_run[1]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), straight.parameters(), strict=True))
+
+
+def test_worker_count_is_checked(toy):
+    for workers in (0, 6):
+        with pytest.raises(MedNCAError, match="worker processes"):
+            next(run(toy, workers=workers))

@@ -42,6 +42,7 @@ from .data import (
     load_cases,
     split_cases,
 )
+from .data_parallel import BatchShare, join, start_workers
 from .errors import CheckpointError, MedNCAError
 from .inference import slice_axis
 from .model import MedNCA, NCAConfig
@@ -58,7 +59,9 @@ MEASURED_DICE = ("validation_dice_native", "validation_dice_model_space")  # pro
 @dataclass(frozen=True)
 class Recipe:
     """How a model is trained. Learning rate follows a linear warm-up then a cosine (``schedule="cosine"``)
-    or the authors' exponential decay (``"exponential"``, factor ``gamma`` per iteration)."""
+    or the authors' exponential decay (``"exponential"``, factor ``gamma`` per iteration). ``zero_fc1``
+    starts a new model with its last layers at zero, as the authors do: every cell's first update is "no
+    change" (a model to start from keeps its weights)."""
 
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -70,6 +73,7 @@ class Recipe:
     foreground_crops: float = 0.6
     augment: bool = True
     grad_clip: float | None = 1.0
+    zero_fc1: bool = False
 
     def lr_at(self, iteration: int, total: int) -> float:
         if self.schedule == "exponential":
@@ -83,7 +87,7 @@ class Recipe:
 
 AUTHORS_RECIPE = Recipe(
     lr=1.6e-3, betas=(0.5, 0.5), schedule="exponential", warmup=0, foreground_crops=0.0, augment=False,
-    grad_clip=None,
+    grad_clip=None, zero_fc1=True,
 )
 
 
@@ -104,7 +108,8 @@ class TrainEvent:
 
 
 def crop_forward(
-    model: MedNCA, images: torch.Tensor, origins: torch.Tensor | None, crop: int, gen: torch.Generator
+    model: MedNCA, images: torch.Tensor, origins: torch.Tensor | None, crop: int, gen: torch.Generator,
+    part: slice = slice(None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training forward pass: all levels but the last on the whole slice, the last on a ``crop``-sized window
     at ``origins [B, 2]`` (row, col) of the upsampled state, or on the whole slice when ``origins`` is None.
@@ -113,9 +118,15 @@ def crop_forward(
     The window is read from the coarser state directly (``_upsampled_window``): upsampling the whole state
     and cutting the window out of it gives the same numbers, forward and backward, but its backward pass
     fills a gradient the size of the whole upsampled batch for every window, a cost growing with the
-    batch size squared (a quarter of a training step at batch 40)."""
+    batch size squared (a quarter of a training step at batch 40).
+
+    ``part`` computes only those batch items, drawing the firing cells of the whole batch: a process of
+    data-parallel training draws what a single process would, and its generator stays in step."""
     cfg = model.config
     k = cfg.input_channels
+    batch = images.shape[0]
+    images = images[part]
+    origins = None if origins is None else origins[part]
     state = None
     coarse = None
     for level, backbone in enumerate(model.backbones):
@@ -135,7 +146,7 @@ def crop_forward(
         state = state.contiguous(memory_format=torch.channels_last)
         state[:, :k] = img
         for _ in range(cfg.steps[level]):
-            rand = torch.rand((img.shape[0], *img.shape[-2:]), generator=gen)
+            rand = torch.rand((batch, *img.shape[-2:]), generator=gen)[part]
             state = backbone.step(state, rand > cfg.fire_rate, k)
         if level == 0:
             coarse = state[:, k : k + cfg.output_channels]
@@ -185,13 +196,29 @@ def crop_origins(labels: torch.Tensor, crop: int, foreground: float, gen: torch.
     return out
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE with logits + (1 - soft Dice), Dice per class over the whole batch (smoothing 1), as the authors."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, share: BatchShare | None = None) -> torch.Tensor:
+    """BCE with logits + (1 - soft Dice), Dice per class over the whole batch (smoothing 1), as the authors.
+
+    With ``share`` (data-parallel training), ``logits`` and ``target`` are this process's part of the batch:
+    the sums the loss is made of are added up over the processes, so the loss is the whole batch's, and
+    its gradient with respect to this part is the whole loss's (the other parts' sums enter as constants)."""
+    if share is None:
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        p = torch.sigmoid(logits)
+        inter = (p * target).sum((0, 2, 3))
+        dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + target.sum((0, 2, 3)) + 1)
+        return bce + (1 - dice).mean()
+    k = logits.shape[1]
     p = torch.sigmoid(logits)
-    inter = (p * target).sum((0, 2, 3))
-    dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + target.sum((0, 2, 3)) + 1)
-    return bce + (1 - dice).mean()
+    mine = torch.cat((
+        F.binary_cross_entropy_with_logits(logits, target, reduction="sum").reshape(1),
+        logits.new_tensor([target.numel()]),
+        (p * target).sum((0, 2, 3)), p.sum((0, 2, 3)), target.sum((0, 2, 3)),
+    ))
+    total = mine + (share.sum(mine) - mine.detach())
+    inter, p_sum, t_sum = total[2:].split(k)
+    dice = (2 * inter + 1) / (p_sum + t_sum + 1)
+    return total[0] / total[1] + (1 - dice).mean()
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -295,6 +322,7 @@ def train_iter(
     init_model: MedNCA | None = None,
     log_every: int = 50,
     provenance: dict | None = None,
+    workers: int = 1,
 ) -> Generator[TrainEvent, None, MedNCA]:
     """Train a model; yields ``TrainEvent``s and returns the trained model.
 
@@ -311,6 +339,11 @@ def train_iter(
     the training setup.
     Without ``config``, a Decathlon folder's dataset.json names the classes (its name and licence go into
     the provenance); other data gets the two-class hippocampus architecture.
+    ``workers`` > 1 shares every batch among that many processes (this one and ``workers - 1`` started for
+    the run, each on one torch thread; give this one a single thread too): they draw the same batches,
+    crops and firing cells as one process would, so the training is the same up to rounding, and a
+    checkpoint resumes with any number of workers. Two one-thread processes train nearly twice as fast as
+    one on two free cores, where two threads in one process do not (``mednca.data_parallel``).
     """
     if isinstance(data, str | os.PathLike):
         config = config or dataset_config(data)
@@ -323,6 +356,8 @@ def train_iter(
         config, preprocessing = init_model.config, init_model.preprocessing
     if not 1 <= recipe.crop <= min(config.input_size):
         raise MedNCAError(f"the training crop must be 1 to {min(config.input_size)} pixels, not {recipe.crop}")
+    if not 1 <= workers <= batch_size:
+        raise MedNCAError(f"training needs 1 to batch size ({batch_size}) worker processes, not {workers}")
     prep = preprocessing or Preprocessing()
     slices = _prepare_data(data, config, prep)
     train_cases, val_cases = split_cases(len(slices.case_ids), val_fraction, seed)
@@ -336,6 +371,10 @@ def train_iter(
     model = copy.deepcopy(init_model) if init_model is not None else new_model(config, prep, seed)
     if init_model is not None:  # the start's own results (its Dice, its command) do not describe the new weights
         model.provenance = {"started_from": model.provenance}
+    elif recipe.zero_fc1:
+        with torch.no_grad():
+            for level in model.backbones:
+                level.fc1.weight.zero_()
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas)
     gen = torch.Generator().manual_seed(seed)
@@ -348,37 +387,47 @@ def train_iter(
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         start, best, spent = load_training_state(checkpoint_path, model, opt, gen, setup)
 
+    share, pool = None, None
+    if workers > 1 and start < iterations:
+        # copies: a tensor sent to another process shares its memory with it (the slices are only read)
+        share, pool = start_workers(workers, _train_worker, {
+            "model": copy.deepcopy(model), "optimizer": copy.deepcopy(opt.state_dict()), "rng": gen.get_state(),
+            "train": train, "recipe": recipe, "batch_size": batch_size, "start": start, "iterations": iterations,
+        })
     t0 = time.perf_counter() - spent
     running, n_running = 0.0, 0
-    for it in range(start, iterations):
-        for g in opt.param_groups:
-            g["lr"] = recipe.lr_at(it, iterations)
-        loss = _train_step(model, opt, train, batch_size, recipe, gen)
-        running += loss
-        n_running += 1
-        done = it + 1
-        if done % log_every == 0 or done == iterations:
-            yield TrainEvent(done, iterations, running / n_running, time.perf_counter() - t0, "step")
-            running, n_running = 0.0, 0
-        if len(val) and (done % eval_every == 0 or done == iterations):
-            model.eval()
-            dice = validation_dice(model, probe, seed)
-            model.train()
-            if best_path is not None and dice["whole"] > best:
-                best = dice["whole"]
-                _stamp(model, setup, done, time.perf_counter() - t0, dice)
-                save_model(model, best_path)
-            yield TrainEvent(done, iterations, None, time.perf_counter() - t0, "eval", dice)
-        if checkpoint_path is not None and (done % checkpoint_every == 0 or done == iterations):
-            save_training_state(checkpoint_path, model, opt, gen, setup, done, best, time.perf_counter() - t0)
-            yield TrainEvent(done, iterations, None, time.perf_counter() - t0, "checkpoint")
+    try:
+        for it in range(start, iterations):
+            _set_lr(opt, recipe, it, iterations)
+            loss = _train_step(model, opt, train, batch_size, recipe, gen, share)
+            running += loss
+            n_running += 1
+            done = it + 1
+            if done % log_every == 0 or done == iterations:
+                yield TrainEvent(done, iterations, running / n_running, time.perf_counter() - t0, "step")
+                running, n_running = 0.0, 0
+            if len(val) and (done % eval_every == 0 or done == iterations):
+                model.eval()
+                dice = validation_dice(model, probe, seed)
+                model.train()
+                if best_path is not None and dice["whole"] > best:
+                    best = dice["whole"]
+                    _stamp(model, setup, done, time.perf_counter() - t0, dice, workers)
+                    save_model(model, best_path)
+                yield TrainEvent(done, iterations, None, time.perf_counter() - t0, "eval", dice)
+            if checkpoint_path is not None and (done % checkpoint_every == 0 or done == iterations):
+                save_training_state(checkpoint_path, model, opt, gen, setup, done, best, time.perf_counter() - t0)
+                yield TrainEvent(done, iterations, None, time.perf_counter() - t0, "checkpoint")
+    finally:  # also when the caller stops iterating: the workers would wait for this process
+        if pool is not None:
+            pool.stop()
     model.eval()
-    _stamp(model, setup, iterations, time.perf_counter() - t0, None)
+    _stamp(model, setup, iterations, time.perf_counter() - t0, None, workers)
     yield TrainEvent(iterations, iterations, None, time.perf_counter() - t0, "done")
     return model
 
 
-def _stamp(model: MedNCA, setup: dict, iteration: int, seconds: float, dice: dict | None) -> None:
+def _stamp(model: MedNCA, setup: dict, iteration: int, seconds: float, dice: dict | None, processes: int) -> None:
     """Record where the weights came from in the model itself."""
     model.provenance.update(
         **setup["provenance"],
@@ -386,6 +435,7 @@ def _stamp(model: MedNCA, setup: dict, iteration: int, seconds: float, dice: dic
         iterations=iteration,
         planned_iterations=setup["iterations"],
         train_seconds=round(seconds, 1),
+        training_processes=processes,
         seed=setup["seed"],
         batch_size=setup["batch_size"],
         recipe=setup["recipe"],
@@ -395,20 +445,48 @@ def _stamp(model: MedNCA, setup: dict, iteration: int, seconds: float, dice: dic
         model.provenance["validation_dice_model_space"] = {k: round(v, 4) for k, v in dice.items()}
 
 
-def _train_step(model, opt, train: SliceSet, batch_size: int, recipe: Recipe, gen) -> float:
+def _set_lr(opt: torch.optim.Optimizer, recipe: Recipe, iteration: int, total: int) -> None:
+    for g in opt.param_groups:
+        g["lr"] = recipe.lr_at(iteration, total)
+
+
+def _train_step(
+    model, opt, train: SliceSet, batch_size: int, recipe: Recipe, gen, share: BatchShare | None = None
+) -> float:
+    """One optimiser step on a random batch; returns its loss. With ``share``, this process draws the whole
+    batch (as every process does, so their generators stay in step) and computes its part of it."""
     idx = torch.randint(len(train), (batch_size,), generator=gen)
     images, labels = train.images[idx], train.labels[idx].float()
     if recipe.augment:
         images, labels = augment(images, labels, gen)
     origins = crop_origins(labels, recipe.crop, recipe.foreground_crops, gen)
-    logits, _ = crop_forward(model, images, origins, recipe.crop, gen)
-    loss = segmentation_loss(logits, _crop(labels, origins, recipe.crop))
+    part = slice(None) if share is None else share.part(batch_size)
+    logits, _ = crop_forward(model, images, origins, recipe.crop, gen, part)
+    loss = segmentation_loss(logits, _crop(labels[part], origins[part], recipe.crop), share)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if share is not None:
+        share.sum_gradients(model.parameters())
     if recipe.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
     opt.step()
     return loss.item()
+
+
+def _train_worker(rank: int, size: int, store_path: str, ready, payload: dict) -> None:
+    """A data-parallel training process beyond the first: ``train_iter``'s steps on its part of every batch,
+    from the state rank 0 had when it started them; evaluation, checkpoints and events stay with rank 0."""
+    torch.set_num_threads(1)
+    model, recipe, total = payload["model"].train(), payload["recipe"], payload["iterations"]
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas)
+    opt.load_state_dict(payload["optimizer"])
+    gen = torch.Generator()
+    gen.set_state(payload["rng"])
+    ready.put(rank)
+    share = join(store_path, rank, size)
+    for it in range(payload["start"], total):
+        _set_lr(opt, recipe, it, total)
+        _train_step(model, opt, payload["train"], payload["batch_size"], recipe, gen, share)
 
 
 def train(data, **kwargs) -> MedNCA:
@@ -446,6 +524,8 @@ def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float,
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} is not a training checkpoint ({e})") from None
     theirs = {k: v for k, v in meta["setup"].items() if k != "iterations"}
+    if isinstance(theirs.get("recipe"), dict):  # recipe settings added since: their defaults are what it used
+        theirs["recipe"] = {**json.loads(json.dumps(asdict(Recipe()))), **theirs["recipe"]}
     ours = json.loads(json.dumps({k: v for k, v in setup.items() if k != "iterations"}))
     if theirs != ours:
         changed = sorted(k for k in ours if theirs.get(k) != ours[k])

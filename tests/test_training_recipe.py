@@ -1,0 +1,58 @@
+"""Recipe settings: the authors' zero-initialised last layer, and checkpoints saved before a setting existed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
+from training_support import TINY, same, toy_case, weights
+
+from mednca.model import MedNCA
+from mednca.training import AUTHORS_RECIPE, Recipe, train, train_iter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return [toy_case(s) for s in range(6)]
+
+
+def short(**kw):
+    return {**dict(config=TINY, iterations=1, batch_size=4, val_fraction=0.34, eval_every=1), **kw}
+
+
+def fc1_size(model: MedNCA) -> float:
+    return max(level.fc1.weight.abs().max().item() for level in model.backbones)
+
+
+def test_zero_fc1_starts_every_cell_with_no_change(toy):
+    lr = 1e-5  # Adam moves each weight by about lr a step
+    assert AUTHORS_RECIPE.zero_fc1 and not Recipe().zero_fc1
+    assert fc1_size(train(toy, **short(recipe=Recipe(lr=lr, zero_fc1=True)))) <= 2 * lr
+    assert fc1_size(train(toy, **short(recipe=Recipe(lr=lr)))) > 100 * lr
+    start = MedNCA(TINY)
+    tuned = train(toy, **short(recipe=Recipe(lr=lr, zero_fc1=True), init_model=start))  # a start keeps its weights
+    assert fc1_size(tuned) > 100 * lr
+
+
+def test_a_checkpoint_from_before_a_recipe_setting_resumes(toy, tmp_path):
+    """A checkpoint whose recorded recipe lacks a setting added since trained with that setting's default."""
+    ckpt = tmp_path / "state.safetensors"
+    args = short(recipe=Recipe(lr=1e-2, warmup=2, crop=8), iterations=6, eval_every=100, checkpoint_every=3)
+    straight = train(toy, **args)
+    gen = train_iter(toy, **args, checkpoint_path=ckpt)
+    for event in gen:
+        if event.kind == "checkpoint":
+            break
+    gen.close()
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = json.loads(f.metadata()["mednca_training"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    del meta["setup"]["recipe"]["zero_fc1"]
+    save_file(tensors, ckpt, metadata={"mednca_training": json.dumps(meta)})
+    resumed = train(toy, **args, checkpoint_path=ckpt, resume=True)
+    assert resumed.provenance["iterations"] == 6
+    assert same(weights(resumed), weights(straight))
