@@ -5,6 +5,8 @@ a batch get the whole batch's loss and gradient, train as one process does, and 
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import threading
 from datetime import timedelta
 
@@ -15,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from training_support import TINY, toy_case
 
-from mednca.data_parallel import BatchShare
+from mednca.data_parallel import WORKER_NAME, BatchShare
 from mednca.errors import MedNCAError
 from mednca.model import MedNCA, NCAConfig
 from mednca.training import HIPPOCAMPUS, Recipe, _crop, crop_forward, segmentation_loss, train_iter
@@ -169,6 +171,10 @@ def two_worker_run(toy):
     return finish(run(toy, workers=2))
 
 
+def workers_alive() -> list:
+    return [p for p in mp.active_children() if p.name.startswith(WORKER_NAME)]
+
+
 def test_two_processes_train_as_one(toy, two_worker_run):
     events, model = two_worker_run
     one_events, one = finish(run(toy))
@@ -176,7 +182,7 @@ def test_two_processes_train_as_one(toy, two_worker_run):
     assert losses == pytest.approx([e.loss for e in one_events if e.kind == "step"], rel=1e-4)
     for a, b in zip(model.parameters(), one.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert not mp.active_children()  # the worker ended with the run
+    assert not workers_alive()  # the worker ended with the run
 
 
 def test_a_data_parallel_run_resumes_from_its_checkpoint(toy, two_worker_run, tmp_path):
@@ -186,7 +192,7 @@ def test_a_data_parallel_run_resumes_from_its_checkpoint(toy, two_worker_run, tm
         if event.kind == "checkpoint":
             break
     gen.close()  # cancelled: the worker is ended, not left waiting
-    assert event.iteration == 3 and not mp.active_children()
+    assert event.iteration == 3 and not workers_alive()
     events, resumed = finish(run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3, resume=True))
     assert events[0].iteration == 4
     straight = two_worker_run[1]
@@ -197,3 +203,18 @@ def test_worker_count_is_checked(toy):
     for workers in (0, 6):
         with pytest.raises(MedNCAError, match="worker processes"):
             next(run(toy, workers=workers))
+
+
+def test_a_killed_worker_stops_the_run_with_an_error_and_the_checkpoint_resumes(toy, two_worker_run, tmp_path):
+    ckpt = tmp_path / "state.safetensors"
+    gen = run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3)
+    for event in gen:
+        if event.kind == "checkpoint":
+            break
+    (worker,) = workers_alive()
+    os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(MedNCAError, match="another training process ended"):
+        for _ in gen:
+            pass
+    _, resumed = finish(run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3, resume=True))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), two_worker_run[1].parameters(), strict=True))

@@ -31,6 +31,7 @@ from .errors import MedNCAError
 # A worker waits this long in a sum for the others (rank 0 evaluates and saves checkpoints meanwhile).
 TIMEOUT = timedelta(minutes=30)
 START_SECONDS = 300  # for a worker to import torch and report ready
+WORKER_NAME = "mednca-training-worker"  # the processes' names (multiprocessing), followed by the rank
 
 
 class BatchShare:
@@ -47,7 +48,11 @@ class BatchShare:
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` over all processes (a new tensor; every process gets the same)."""
         out = tensor.detach().clone()
-        self.group.allreduce([out]).wait()
+        try:
+            self.group.allreduce([out]).wait()
+        except RuntimeError as e:  # gloo: a peer closed its connection, or the timeout passed
+            raise MedNCAError(f"another training process ended or stopped answering ({str(e).splitlines()[0]}); "
+                              "a run with a checkpoint resumes from it") from None
         return out
 
     def sum_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
@@ -60,9 +65,12 @@ class BatchShare:
 
 
 def join(store_path: str, rank: int, size: int) -> BatchShare:
-    """Join the process group whose rendezvous file is ``store_path``."""
-    group = dist.ProcessGroupGloo(dist.FileStore(store_path, size), rank, size, TIMEOUT)
-    return BatchShare(group, rank, size)
+    """Join the process group whose rendezvous file is ``store_path``, over the loopback interface (gloo's
+    default looks up the machine's host name, which some laptops cannot resolve)."""
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    options._timeout = TIMEOUT
+    return BatchShare(dist.ProcessGroupGloo(dist.FileStore(store_path, size), rank, size, options), rank, size)
 
 
 class Workers:
@@ -89,8 +97,8 @@ def start_workers(size: int, target: Callable, payload: dict) -> tuple[BatchShar
     folder = Path(tempfile.mkdtemp(prefix="mednca-train-"))
     store_path = str(folder / "rendezvous")
     ready = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(rank, size, store_path, ready, payload), daemon=True)
-             for rank in range(1, size)]
+    procs = [ctx.Process(target=target, args=(rank, size, store_path, ready, payload), daemon=True,
+                         name=f"{WORKER_NAME}-{rank}") for rank in range(1, size)]
     workers = Workers(procs, folder)
     try:
         for p in procs:

@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -475,7 +476,9 @@ def _train_step(
 
 def _train_worker(rank: int, size: int, store_path: str, ready, payload: dict) -> None:
     """A data-parallel training process beyond the first: ``train_iter``'s steps on its part of every batch,
-    from the state rank 0 had when it started them; evaluation, checkpoints and events stay with rank 0."""
+    from the state rank 0 had when it started them; evaluation, checkpoints and events stay with rank 0.
+    Ctrl-C is rank 0's to handle (it ends the workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     model, recipe, total = payload["model"].train(), payload["recipe"], payload["iterations"]
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas)
