@@ -164,15 +164,23 @@ def test_evaluate_on_the_cluster_scores_as_in_process(scheduler, tmp_path):
     task = make_task(tmp_path / "task", n_cases=3)
     model = tiny_model_file(tmp_path / "two.safetensors", classes=("A", "B"))
     (task / "imagesTr" / "toy_002.nii.gz").write_bytes(b"broken")
-    runs = {}
+    runs, tables = {}, {}
     for name, extra in (("here", ["--threads", "1"]), ("there", ["--scheduler", address])):
         rc = main(["evaluate", str(model), str(task), "--cases", "all", "--seed", "5", "--csv",
-                   str(tmp_path / f"{name}.csv"), *extra])
+                   str(tmp_path / f"{name}.csv"), "--report", str(tmp_path / f"{name}_table.csv"), *extra])
         assert rc == 1  # toy_002 cannot be read, and is reported
         with open(tmp_path / f"{name}.csv", newline="") as f:
             runs[name] = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+        with open(tmp_path / f"{name}_table.csv", newline="") as f:
+            tables[name] = {row["case"]: row for row in csv.DictReader(f)}
     assert [row["case"] for row in runs["there"]] == ["toy_001", "toy_003"]
     assert runs["there"] == runs["here"]
+    assert tables["there"].keys() == tables["here"].keys() == {"toy_001", "toy_002", "toy_003"}
+    for case, row in tables["there"].items():  # the table's rows too, with the worker that scored each
+        assert row.pop("worker").startswith("tcp://127.0.0.1:") and tables["here"][case].pop("worker") == ""
+        assert {**row, "seconds": ""} == {**tables["here"][case], "seconds": ""}
+    failed = tables["there"]["toy_002"]
+    assert failed["status"] == "failed" and failed["error"].startswith("toy_002.nii.gz is not a readable NIfTI")
 
 
 def test_a_cluster_without_dask_installed_is_refused_with_what_to_install(model_file, scans, tmp_path,

@@ -22,12 +22,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .artefacts import ARTEFACTS, parse_artefacts
+from .artefacts import ARTEFACTS, CLEAN, parse_artefacts
 from .batch import Job, find_scans, plan
 from .checkpoint import read_metadata, save_model
 from .data import data_pairs
 from .errors import MedNCAError
-from .evaluation import EvaluationReport, evaluate_iter, select_cases
+from .evaluation import EvaluationReport, ScoreTable, evaluate_iter, select_cases
 from .inference import quality_iter, segment_iter, torch_threads
 from .orientation import PLANE_NAMES, axis_codes, axis_of_plane, plane_of
 from .progress import run_to_end
@@ -175,6 +175,8 @@ examples:
       Dice of the shipped model on its own validation cases (scans it was not trained on)
   mednca evaluate my_model.safetensors Task04_Hippocampus/ --quality 10 --csv scores.csv
       also score the quality map (NQM per case), and save the table for a spreadsheet
+  mednca evaluate hippocampus Task04_Hippocampus/ --cases all --report scores.parquet --workers 2
+      a long run: each case's scores are kept as it finishes; after Ctrl-C the same command scores the rest
 
 A case that cannot be scored is reported under the table; the others are still scored."""
 
@@ -223,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="recompute scans whose results exist and replace those files (without it they are skipped)")
-    p.add_argument("--report", type=Path, default=None, metavar="FILE.csv|FILE.json",
+    p.add_argument("--report", type=Path, default=None, metavar="FILE.csv|FILE.json|FILE.parquet",
                    help="also keep a results table, one row per scan: verdict (with --quality), NQM, slices worth "
                         "checking, volume of each class in mL (with its sd and 95%% interval across the runs); "
                         "rows of scans skipped in a later run are kept")
@@ -252,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the first K of those cases (default: all of them)")
     p.add_argument("--csv", type=Path, default=None, help="also write the per-case table as CSV to this file")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
+    p.add_argument("--report", type=Path, default=None, metavar="FILE.csv|FILE.json|FILE.parquet",
+                   help="keep a results table, written as cases finish (case, artefact, Dice per class, NQM and "
+                        "verdict with --quality, seconds, worker, error); running the same command again scores "
+                        "only the cases missing from it. It belongs to one model, --seed and --quality: another "
+                        "is refused")
     p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0,
                    help="seed of the model's random cell updates: the same seed gives the same scores")
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
@@ -495,14 +502,12 @@ def cmd_models(args) -> int:
 
 def cmd_evaluate(args) -> int:
     perturb = parse_artefacts(args.perturb)
-    reports = [path for path in (args.csv, args.json) if path is not None]
-    if len(reports) == 2 and args.csv.resolve() == args.json.resolve():
-        raise MedNCAError("--csv and --json name the same file")
-    for path in reports:
-        if path.is_dir():
-            raise MedNCAError(f"{path} is a folder; give a file name to write the report to")
-        writable_folder(path.parent, "report folder")
+    conditions = (CLEAN, *perturb)
+    _check_report_files(args)
     model = load_model(args.model)
+    table = None
+    if args.report is not None:
+        table = ScoreTable(args.report, model, str(args.model), seed=args.seed, quality_runs=args.quality)
     recorded = model.provenance.get("validation_cases")
     if args.cases is None:
         cases = "validation" if recorded else "all"
@@ -510,46 +515,108 @@ def cmd_evaluate(args) -> int:
         cases = args.cases
     else:
         cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    chosen = [case for case, _, _ in select_cases(model, data_pairs(args.data), cases)][: args.limit]
+    scans = {case: str(image) for case, image, _ in select_cases(model, data_pairs(args.data), cases)}
+    chosen = list(scans)[: args.limit]
     if cases == "validation":
         print(f"evaluating on {len(chosen)} of the model's {len(recorded)} validation cases", file=sys.stderr)
     elif args.cases is None:
         print(f"the model records no validation cases: evaluating on {len(chosen)} cases, which may include "
               "cases it was trained on", file=sys.stderr)
-    if args.scheduler or args.workers:
-        from .cluster import evaluate_on_cluster
+    results = {} if table is None else table.scored(chosen, conditions)
+    todo = [case for case in chosen if case not in results]
+    if results:
+        print(f"mednca: {len(results)} of {len(chosen)} cases already scored in {args.report} (same model and "
+              f"settings); scoring the other {len(todo)}", file=sys.stderr)
+    failed: dict[str, str] = {}
 
-        rows, failed = evaluate_on_cluster(args, model, chosen, perturb)
-    else:
-        threads = args.threads or default_threads()
-        rows, failed = [], {}
-        with tqdm(total=len(chosen), unit="case", file=sys.stderr, leave=False) as bar:
-            for case in chosen:  # one case at a time, so a case that fails costs only itself
-                bar.set_description(case)
-                try:
-                    gen = evaluate_iter(model, args.data, quality_runs=args.quality, seed=args.seed, cases=[case],
-                                        threads=threads, perturb=perturb)
-                    rows += run_to_end(gen).rows
-                except MedNCAError as e:
-                    failed[case] = str(e).removeprefix(f"case {case}: ")
-                except MemoryError as e:
-                    failed[case] = f"not enough memory ({str(e) or 'no detail'})"
-                except OSError as e:
-                    failed[case] = _os_text(e)
-                bar.update(1)
+    def record(case: str, rows: list, error: str | None, worker: str) -> None:
+        """Keep a finished case: in the table first, so a Ctrl-C between the two never shows a score that
+        the table lacks."""
+        if table is not None:
+            if error is None:
+                table.add(case, scans[case], rows, worker)
+            else:
+                table.add_failure(case, scans[case], conditions, error, worker)
+        if error is None:
+            results[case] = rows
+        else:
+            failed[case] = error
+
+    interrupted = False
+    try:
+        if todo and (args.scheduler or args.workers):
+            from .cluster import evaluate_on_cluster
+
+            evaluate_on_cluster(args, model, todo, perturb, record)
+        elif todo:
+            _evaluate_here(args, model, todo, perturb, record)
+    except KeyboardInterrupt:
+        interrupted = True
+    rows = [row for case in chosen for row in results.get(case, [])]
+    failed = {case: failed[case] for case in chosen if case in failed}
     meta = {"seed": args.seed, "model": str(args.model), "cases": cases, "failed": failed}
     report = EvaluationReport(rows, tuple(model.config.class_names), args.quality, meta)
     if rows:
         print(report.table())
     for case, reason in failed.items():
         print(f"{case}: FAILED: {reason}")
+    if interrupted:
+        kept = (f"the scores so far are in {args.report}, and running the same command again scores the rest"
+                if table is not None else "--report FILE keeps scores as cases finish, for a later run to go on")
+        print(f"mednca: interrupted after {len(results) + len(failed)} of {len(chosen)} cases; {kept}",
+              file=sys.stderr)
+        return 130
     if failed:
+        retry = " (running the same command again retries the failed ones)" if table is not None else ""
         print(f"mednca: {len(failed)} of {len(chosen)} cases failed; the scores above are of the other "
-              f"{len(rows)}", file=sys.stderr)
+              f"{len(chosen) - len(failed)}{retry}", file=sys.stderr)
+    if table is not None:
+        print(f"mednca: results table {args.report}", file=sys.stderr)
     for path, write in ((args.csv, report.to_csv), (args.json, report.to_json)):
         if path is not None:
             print(f"wrote {write(path)}")
     return 1 if failed else 0
+
+
+def _check_report_files(args) -> None:
+    """--csv, --json and --report: distinct files, in folders that can be written, before any work."""
+    seen: dict[Path, str] = {}
+    for option, path in (("--csv", args.csv), ("--json", args.json), ("--report", args.report)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise MedNCAError(f"{path} is a folder; give a file name to write the report to")
+        if path.resolve() in seen:
+            raise MedNCAError(f"{seen[path.resolve()]} and {option} name the same file")
+        seen[path.resolve()] = option
+        writable_folder(path.parent, "report folder")
+
+
+def _evaluate_here(args, model, cases: list[str], perturb, record) -> None:
+    """Score the cases in this process, one at a time, so that a case that fails costs only itself;
+    ``record(case, rows, error, worker)`` keeps each as it finishes."""
+    threads = args.threads or default_threads()
+    with tqdm(total=len(cases), unit="case", file=sys.stderr, leave=False) as bar:
+        for case in cases:
+            bar.set_description(case)
+            rows, error = [], None
+            try:
+                gen = evaluate_iter(model, args.data, quality_runs=args.quality, seed=args.seed, cases=[case],
+                                    threads=threads, perturb=perturb)
+                rows = run_to_end(gen).rows
+            except (MedNCAError, MemoryError, OSError) as e:
+                error = _case_error(case, e)
+            record(case, rows, error, "")
+            bar.update(1)
+
+
+def _case_error(case: str, error: BaseException) -> str:
+    """Why a case could not be scored, in one line (in this process and on a Dask worker alike)."""
+    if isinstance(error, MemoryError):
+        return f"not enough memory ({str(error) or 'no detail'})"
+    if isinstance(error, OSError):
+        return _os_text(error)
+    return str(error).removeprefix(f"case {case}: ")
 
 
 # ------------------------------------------------------------------------------------------------ train

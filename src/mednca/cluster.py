@@ -18,6 +18,9 @@ Nothing finished is lost, whatever stops:
 - Ctrl-C cancels the scans not started and lets the workers finish those in hand, so that every result
   written has its row; the worker processes of a LocalCluster ignore the terminal's Ctrl-C for that reason.
 
+``mednca evaluate`` runs the same way, a task per case, its scores table (``evaluation.ScoreTable``) kept here
+as cases finish; a case writes no file, so Ctrl-C keeps the cases finished and cancels the rest at once.
+
 The model travels once per worker: its safetensors bytes ride in a WorkerPlugin, which the scheduler hands to
 every worker, also to those that join or are restarted later, and each loads it once (verified, as any model
 file) into a per-process cache; a task carries only the model's name. ``benchmarks/cluster.py`` measures it.
@@ -55,7 +58,7 @@ except ImportError as e:  # the base install: the cluster is an extra
     raise MedNCAError(f"--scheduler and --workers need Dask distributed ({e}): "
                       "pip install 'napari-nca[cluster]'") from None
 
-from .cli import _os_text, _segment_one  # noqa: E402  (cli imports this module only when asked for a cluster)
+from .cli import _case_error, _os_text, _segment_one  # noqa: E402  (cli imports this module only when asked for a cluster)
 
 CONNECT_SECONDS = 30  # to reach a --scheduler before giving up
 # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which also pins glibc's mmap threshold at 128 KiB: every
@@ -230,8 +233,7 @@ def segment_on_cluster(jobs: list[Job], args, model: MedNCA, table: ReportFile |
             outcomes[outcome] += 1
             rows += [row] if row is not None else []
         if table is not None and rows:
-            table.rows.update((row["scan"], row) for row in rows[:-1])
-            table.add(rows[-1])  # writes the table once, with the whole batch
+            table.add_all(rows)  # writes the table once, with the whole batch
 
     with connect(args.scheduler, args.workers) as client, shared_model(client, model) as name:
         token = uuid.uuid4().hex[:8]
@@ -317,34 +319,42 @@ def _remove_staging(jobs: list[Job]) -> None:
 # ----------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate_case(model: str, data: Path, case: str, options: dict) -> tuple[list, str | None]:
-    """The task of one case, on a worker: its rows (one per condition), or no rows and why it failed."""
+def evaluate_case(model: str, data: Path, case: str, options: dict) -> tuple[list, str | None, str]:
+    """The task of one case, on a worker: its rows (one per condition), or no rows and why it failed, and the
+    worker's address."""
+    worker = get_worker().address
     try:
-        return run_to_end(evaluate_iter(_worker_model(model), data, cases=[case], **options)).rows, None
-    except MedNCAError as e:
-        return [], str(e).removeprefix(f"case {case}: ")
-    except MemoryError as e:
-        return [], f"not enough memory ({str(e) or 'no detail'})"
-    except OSError as e:
-        return [], _os_text(e)
+        return run_to_end(evaluate_iter(_worker_model(model), data, cases=[case], **options)).rows, None, worker
+    except (MedNCAError, MemoryError, OSError) as e:
+        return [], _case_error(case, e), worker
 
 
-def evaluate_on_cluster(args, model: MedNCA, cases: list[str], perturb) -> tuple[list, dict[str, str]]:
-    """``mednca evaluate`` with ``--scheduler``/``--workers``: the rows of every case in the cases' order, and
-    the cases that failed with their reasons."""
+def evaluate_on_cluster(args, model: MedNCA, cases: list[str], perturb, record) -> None:
+    """``mednca evaluate`` with ``--scheduler``/``--workers``: every case a task; ``record(case, rows, error,
+    worker)`` is called here for each case as it finishes (rows, or an error).
+
+    Ctrl-C records the cases already finished, cancels the others and raises KeyboardInterrupt: unlike a
+    segmentation, a case in progress leaves no file behind, so nothing is worth waiting for."""
     options = dict(quality_runs=args.quality, seed=args.seed, threads=args.threads or 1, perturb=perturb)
-    results: dict[str, list] = {}
-    failed: dict[str, str] = {}
     with connect(args.scheduler, args.workers) as client, shared_model(client, model) as name:
         token = uuid.uuid4().hex[:8]
         futures = {client.submit(evaluate_case, name, _absolute(args.data), case, options, pure=False,
                                  key=f"mednca-evaluate-{token}-{i}"): case for i, case in enumerate(cases)}
-        for future, result, error in (outcome for batch in _finished(futures, "case") for outcome in batch):
-            case = futures[future]
-            rows, error = result if error is None else ([], error)
-            if error is None:
-                results[case] = rows
-            else:
-                failed[case] = error
-    rows = [row for case in cases for row in results.get(case, [])]
-    return rows, {case: failed[case] for case in cases if case in failed}
+        recorded = set()
+
+        def done(future: Future, result, error: str | None) -> None:
+            rows, error, worker = result if error is None else ([], error, "")
+            if error is not None:  # the data folder as the command line spelled it
+                error = error.replace(str(_absolute(args.data)), str(args.data))
+            record(futures[future], rows, error, worker)
+            recorded.add(future)
+
+        try:
+            for batch in _finished(futures, "case"):
+                for outcome in batch:
+                    done(*outcome)
+        except KeyboardInterrupt:
+            client.cancel([f for f in futures if not f.done()])
+            for future in [f for f in futures if f.done() and f not in recorded and not f.cancelled()]:
+                done(*_outcome(future))
+            raise

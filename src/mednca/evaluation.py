@@ -16,6 +16,11 @@ With ``perturb`` (artefact names, see ``artefacts.py``) each case is scored clea
 artefact, one row per case and condition; the corrupted scans depend only on the seed, the case and the
 artefact, so every model evaluated with the same seed sees the same inputs. The report then summarises
 each condition separately.
+
+A cohort's evaluation can take hours, so ``ScoreTable`` keeps every case's scores in a results file as it
+is scored (``mednca evaluate --report``) and gives them back to the same evaluation run again: only the cases
+missing from it are scored. Every case is scored on its own (the model's randomness seeded per scan), so a
+table filled over several runs holds the scores one uninterrupted run gives.
 """
 
 from __future__ import annotations
@@ -32,11 +37,14 @@ from pathlib import Path
 import numpy as np
 
 from .artefacts import CLEAN, parse_artefacts, scan_under
+from .checkpoint import model_digest
 from .data import data_pairs
 from .errors import MedNCAError
 from .inference import quality_iter, segment_iter
 from .model import MedNCA
 from .progress import Progress, run_to_end
+from .quality import criteria_of
+from .report import ReportFile
 from .staging import staged_file
 from .volume import Volume, check_labels, read_volume
 
@@ -45,8 +53,9 @@ SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 @dataclass
 class CaseResult:
-    """One scan's scores. ``dice`` maps each class name to its Dice; ``nqm`` is None without a quality map;
-    ``artefact`` is the condition the scan was scored under ("none": as it is)."""
+    """One scan's scores. ``dice`` maps each class name to its Dice; ``nqm`` is None without a quality map,
+    and so is ``verdict`` (its level: "ok", "check", "fail"); ``artefact`` is the condition the scan was
+    scored under ("none": as it is)."""
 
     case: str
     dice_whole: float
@@ -54,6 +63,7 @@ class CaseResult:
     nqm: float | None
     seconds: float
     artefact: str = CLEAN
+    verdict: str | None = None
 
 
 @dataclass
@@ -326,9 +336,9 @@ def evaluate_iter(
             else:
                 work = segment_iter(model, scan, **opts)
             result = yield from _as_case_progress(work, len(rows), total, stage)
-            nqm = result.nqm if quality_runs >= 2 else None
+            nqm, verdict = (result.nqm, result.verdict.level) if quality_runs >= 2 else (None, None)
             whole, per_class = case_dice(result.labels.array, labels, names)
-            rows.append(CaseResult(case, whole, per_class, nqm, time.perf_counter() - start, artefact))
+            rows.append(CaseResult(case, whole, per_class, nqm, time.perf_counter() - start, artefact, verdict))
             yield Progress(len(rows), total, stage)
     meta = {"seed": seed, "model": model.provenance.get("source", ""), "cases": _describe(cases)}
     if len(conditions) > 1:
@@ -377,6 +387,97 @@ def select_cases(model: MedNCA, pairs: list, cases: str | Sequence[str] | None) 
 
 def _describe(cases) -> str | list[str]:
     return "all" if cases is None else cases if isinstance(cases, str) else list(cases)
+
+
+# -------------------------------------------------------------------------------------- scores table
+
+
+SCORED, FAILED = "scored", "failed"  # a row's status
+SETTING_NAMES = {"model_digest": "model digest", "seed": "--seed", "quality_runs": "--quality"}  # as users know them
+
+
+class ScoreTable:
+    """The per-case scores of one evaluation (one model, seed and number of quality runs) in a results file
+    (CSV, JSON or Parquet, see ``report.ReportFile``), one row per case and condition, written as cases finish.
+
+    A file that holds scores of another model or other settings is refused rather than mixed or replaced:
+    scores only make sense side by side when they were computed the same way. The model is told by a digest
+    of what decides its output (weights, architecture, preprocessing, quality limits), not by its name, so a
+    copy or a renamed file keeps its scores. Threads and Dask workers change no score and are not settings.
+    """
+
+    def __init__(self, path: Path, model: MedNCA, model_name: str, *, seed: int, quality_runs: int):
+        self.class_names = tuple(model.config.class_names)
+        per_class = [f"dice_{n}" for n in self.class_names] if len(self.class_names) > 1 else []
+        columns = ("case", "artefact", "scan", "status", "dice_whole", *per_class, "nqm", "verdict", "seconds",
+                   "worker", "error", "model", "model_digest", "seed", "quality_runs")
+        self.file = ReportFile(path, key=("case", "artefact"), columns=columns)
+        self.settings = {"model_digest": scoring_digest(model), "seed": seed, "quality_runs": quality_runs}
+        self.model_name = model_name
+        for row in self.file.rows.values():
+            self._refuse_other_settings(row)
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def scored(self, cases: Sequence[str], conditions: Sequence[str]) -> dict[str, list[CaseResult]]:
+        """The cases whose every condition has its scores in the table, with them (failed cases are not)."""
+        done = {}
+        for case in cases:
+            rows = [self.file.rows.get((case, condition)) for condition in conditions]
+            if all(row is not None and row.get("status") == SCORED for row in rows):
+                done[case] = [self._result(row) for row in rows]
+        return done
+
+    def add(self, case: str, scan: str, results: list[CaseResult], worker: str = "") -> None:
+        """A scored case's rows, written at once."""
+        self.file.add_all({**self._common(case, r.artefact, scan, worker), **self._scores(r)} for r in results)
+
+    def add_failure(self, case: str, scan: str, conditions: Sequence[str], error: str, worker: str = "") -> None:
+        """A case that could not be scored: a failed row with the reason for each condition."""
+        self.file.add_all({**self._common(case, condition, scan, worker), "status": FAILED, "error": error}
+                          for condition in conditions)
+
+    def _common(self, case: str, artefact: str, scan: str, worker: str) -> dict:
+        return {"case": case, "artefact": artefact, "scan": scan, "worker": worker, "model": self.model_name,
+                **self.settings}
+
+    def _scores(self, r: CaseResult) -> dict:
+        per_class = {f"dice_{n}": r.dice[n] for n in self.class_names} if len(self.class_names) > 1 else {}
+        return {"status": SCORED, "dice_whole": r.dice_whole, **per_class, "nqm": "" if r.nqm is None else r.nqm,
+                "verdict": r.verdict or "", "seconds": round(r.seconds, 2), "error": ""}
+
+    def _result(self, row: dict) -> CaseResult:
+        """A row read back (text from CSV, numbers from JSON or Parquet) as the CaseResult it was made from."""
+        whole = float(row["dice_whole"])
+        if len(self.class_names) > 1:
+            dice = {n: float(row[f"dice_{n}"]) for n in self.class_names}
+        else:
+            dice = {self.class_names[0]: whole}
+        nqm = None if row.get("nqm") in ("", None) else float(row["nqm"])
+        return CaseResult(row["case"], whole, dice, nqm, float(row["seconds"]), row["artefact"],
+                          row.get("verdict") or None)
+
+    def _refuse_other_settings(self, row: dict) -> None:
+        differ = [(k, row.get(k, ""), v) for k, v in self.settings.items() if str(row.get(k, "")) != str(v)]
+        if differ:
+            shown = "; ".join(f"{SETTING_NAMES[k]} {_short(there)} there, {_short(here)} here"
+                              for k, there, here in differ)
+            raise MedNCAError(f"{self.path} holds scores of another model or other settings ({shown}); scores are "
+                              "never mixed: give another --report file, or move this one away")
+
+
+def scoring_digest(model: MedNCA) -> str:
+    """SHA-256 of what decides a model's scores: its weights, architecture, preprocessing and quality limits."""
+    described = {"architecture": model.config.to_dict(), "preprocessing": model.preprocessing.to_dict(),
+                 "quality_criteria": criteria_of(model.provenance).to_dict()}
+    return model_digest(model.state_dict(), described)
+
+
+def _short(value) -> str:
+    text = str(value)
+    return repr(text) if not text else text[:12] if len(text) == 64 else text
 
 
 # ------------------------------------------------------------------------------------------- helpers
