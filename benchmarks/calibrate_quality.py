@@ -1,6 +1,6 @@
 """Calibrate a model's quality verdict on its held-out cases, clean and under artefacts, and report its power.
 
-    python benchmarks/calibrate_quality.py [--model hippocampus] [--write]
+    python benchmarks/calibrate_quality.py [--model hippocampus] [--fit-on ID,ID,...] [--write]
 
 Reads benchmarks/results/robustness_<model>.csv (benchmarks/robustness.py: 10-run quality maps of the model's
 validation cases, clean and under every artefact of mednca.artefacts) and chooses the verdict's limits
@@ -15,7 +15,10 @@ relative spread of the whole volume, the share of scattered labels):
 The per-slice limit is the smallest of a grid for which the median number of slices worth checking on clean
 scans is at most 2. Printed: the limits, detection power (sensitivity for failed and poor cases, false alarms
 on clean good ones, AUROC of NQM for Dice < 0.8), the per-slice figures (median flagged slices on clean scans,
-Spearman of slice score against slice Dice on poor scans), and the volume error per class on clean scans.
+Spearman of slice score against slice Dice on poor scans), and the volume error per class on clean scans (the
+true volumes from the label files in ``--shared``).
+``--fit-on`` chooses the limits on those cases only and also reports their power on the other cases, which
+nothing was chosen on: the honest figure for scans the calibration never saw.
 ``--write`` stores the limits, with where they come from, in the shipped model file (a new checksum; weights
 untouched). Results go to benchmarks/results/quality_calibration_<model>.txt (with a per-condition table of
 Dice, NQM and verdicts) and .json.
@@ -29,6 +32,7 @@ import itertools
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from mednca.checkpoint import save_model
@@ -131,14 +135,21 @@ def search(rows: list[dict]) -> QualityCriteria:
 
 
 def slice_limit(rows: list[dict]) -> tuple[float, dict]:
-    clean = [r for r in rows if r["artefact"] == "none"]
-    scores_clean = [slice_scores(r["slice_std_a"], r["slice_mass_a"]) for r in clean]
-    chosen = None
+    """The smallest per-slice limit of the grid whose median count of flagged slices on clean scans is at most
+    2 (3.0 when none is), and its figures on ``rows``."""
+    scores_clean = [slice_scores(r["slice_std_a"], r["slice_mass_a"]) for r in rows if r["artefact"] == "none"]
+    chosen = 3.0
     for limit in np.round(np.arange(0.1, 3.01, 0.05), 2):
         if np.median([(s > limit).sum() for s in scores_clean]) <= 2:
             chosen = float(limit)
             break
-    chosen = 3.0 if chosen is None else chosen
+    return chosen, slice_figures_at(rows, chosen)
+
+
+def slice_figures_at(rows: list[dict], limit: float) -> dict:
+    """Flagged slices (score above ``limit``) on clean and poor scans, and on poor scans how the slice score
+    ranks against slice Dice and wrong voxels, and how many flagged slices are among the worst."""
+    scores_clean = [slice_scores(r["slice_std_a"], r["slice_mass_a"]) for r in rows if r["artefact"] == "none"]
     poor = [r for r in rows if r["dice"] < POOR]
     rho_dice, rho_errors, overlap = [], [], []
     for r in poor:
@@ -147,20 +158,20 @@ def slice_limit(rows: list[dict]) -> tuple[float, dict]:
         if keep.sum() >= 4:
             rho_dice.append(spearman(s[keep], d[keep]))
         rho_errors.append(spearman(s, e))
-        flagged = np.flatnonzero(s > chosen)
+        flagged = np.flatnonzero(s > limit)
         if len(flagged):  # how many flagged slices are among as many slices with the most wrong voxels
             worst = np.argsort(-e, kind="stable")[: len(flagged)]
             overlap.append(len(set(flagged) & set(worst)) / len(flagged))
-    figures = {
-        "median_flagged_clean": float(np.median([(s > chosen).sum() for s in scores_clean])),
-        "median_flagged_poor": float(np.median([(slice_scores(r["slice_std_a"], r["slice_mass_a"]) > chosen).sum()
+    return {
+        "median_flagged_clean": float(np.median([(s > limit).sum() for s in scores_clean]))
+        if scores_clean else float("nan"),
+        "median_flagged_poor": float(np.median([(slice_scores(r["slice_std_a"], r["slice_mass_a"]) > limit).sum()
                                                 for r in poor])) if poor else float("nan"),
         "spearman_slice_score_vs_dice_poor_median": _median(rho_dice),
         "spearman_slice_score_vs_wrong_voxels_poor_median": _median(rho_errors),
         "flagged_among_worst_slices_poor_mean": float(np.mean(overlap)) if overlap else float("nan"),
         "poor_scans": len(poor),
     }
-    return chosen, figures
 
 
 def _median(values: list[float]) -> float:
@@ -168,13 +179,22 @@ def _median(values: list[float]) -> float:
     return float(np.median(finite)) if finite else float("nan")
 
 
-def volume_errors(rows: list[dict], path: Path) -> dict:
-    """Mean absolute % error of the whole volume on clean scans (per class needs the labels: whole only here)."""
+def volume_errors(rows: list[dict], labels_dir: Path, class_names: list[str]) -> dict:
+    """Mean absolute and mean signed % error of each class's volume and of the whole structure on clean scans:
+    the labels ``mednca segment`` writes (``pred_voxels_<class>``) against the reference label files; and the
+    runs' mean relative spread of the whole volume."""
     clean = [r for r in rows if r["artefact"] == "none"]
-    err = [abs(float(r["volume_ml"]) - float(r["volume_ml_true"])) / float(r["volume_ml_true"]) for r in clean]
+    errors: dict[str, list[float]] = {name: [] for name in [*class_names, "whole"]}
+    for r in clean:
+        truth = np.asarray(nib.load(labels_dir / f"{r['case']}.nii.gz").dataobj).astype(np.int64)
+        for k, name in enumerate(class_names, start=1):
+            true = int((truth == k).sum())
+            errors[name].append((int(r[f"pred_voxels_{name}"]) - true) / true)
+        errors["whole"].append((int(r["pred_voxels"]) - int((truth > 0).sum())) / int((truth > 0).sum()))
     spread = [float(r["runs_ml"].std() / r["runs_ml"].mean()) for r in clean if r["runs_ml"].mean() > 0]
-    return {"whole_mean_abs_pct_error": 100 * float(np.mean(err)), "cases": len(clean),
-            "whole_mean_run_cv_pct": 100 * float(np.mean(spread))}
+    out = {f"{name}_mean_abs_pct_error": 100 * float(np.mean(np.abs(e))) for name, e in errors.items()}
+    out |= {f"{name}_mean_signed_pct_error": 100 * float(np.mean(e)) for name, e in errors.items()}
+    return {**out, "cases": len(clean), "whole_mean_run_cv_pct": 100 * float(np.mean(spread))}
 
 
 def condition_table(rows: list[dict], levels: list[str]) -> str:
@@ -193,24 +213,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="hippocampus")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    parser.add_argument("--fit-on", default=None,
+                        help="comma-separated cases to choose the limits on; the others test them")
     parser.add_argument("--write", action="store_true", help="store the limits in the shipped model file")
     args = parser.parse_args()
-    rows = load_rows(args.results / f"robustness_{args.model}.csv")
-    cases = sorted({r["case"] for r in rows})
+    all_rows = load_rows(args.results / f"robustness_{args.model}.csv")
+    fit_cases = set(args.fit_on.split(",")) if args.fit_on else {r["case"] for r in all_rows}
+    unknown = fit_cases - {r["case"] for r in all_rows}
+    if unknown:
+        raise SystemExit(f"no rows for {sorted(unknown)}")
+    rows = [r for r in all_rows if r["case"] in fit_cases]
+    unseen = [r for r in all_rows if r["case"] not in fit_cases]
+    cases = sorted(fit_cases)
     conditions = sorted({r["artefact"] for r in rows})
     criteria = search(rows)
     limit, slice_figures = slice_limit(rows)
     p = power(rows, verdicts(rows, criteria))
+    model = load_model(args.model)
     dice = np.array([r["dice"] for r in rows])
     nqm = np.array([r["nqm_f"] for r in rows])
     summary = {
         "model": args.model, "cases": len(cases), "conditions": conditions, "rows": len(rows),
         "power": p, "auroc_nqm_poor": auroc(nqm, dice < POOR), "auroc_nqm_failed": auroc(nqm, dice < FAILED),
-        "slices": slice_figures, "volumes": volume_errors(rows, args.results),
+        "slices": slice_figures,
+        "volumes": volume_errors(all_rows, args.shared / "data" / "hippocampus" / "labelsTr",
+                                 list(model.config.class_names)),
     }
+    if unseen:
+        fitted = QualityCriteria(**{**criteria.to_dict(), "slice_check": limit})
+        summary["unseen"] = {
+            "cases": sorted({r["case"] for r in unseen}), "rows": len(unseen),
+            "power": power(unseen, verdicts(unseen, fitted)),
+            "auroc_nqm_poor": auroc(np.array([r["nqm_f"] for r in unseen]),
+                                    np.array([r["dice"] for r in unseen]) < POOR),
+            "slices": slice_figures_at(unseen, limit),
+            "table": condition_table(unseen, verdicts(unseen, fitted)),
+        }
     calibration = {
         "source": "benchmarks/calibrate_quality.py on benchmarks/results/robustness_" + args.model + ".csv",
-        "cases": len(cases), "conditions": conditions, "rows": len(rows), "runs": int(rows[0]["runs"]),
+        "cases": len(cases), "case_ids": cases, "conditions": conditions, "rows": len(rows),
+        "runs": int(rows[0]["runs"]),
         "rules": f"every Dice < {FAILED} fails; at most {MAX_FALSE_ALARMS:.0%} of clean Dice >= {GOOD} not ok; "
                  f"then most Dice < {POOR} not ok",
         "sensitivity_failed": p["failed_get_fail"][0], "sensitivity_poor": p["poor_get_not_ok"][0],
@@ -221,10 +264,12 @@ def main() -> None:
     text = json.dumps(summary, indent=2, default=float)
     (args.results / f"quality_calibration_{args.model}.json").write_text(text + "\n")
     table = condition_table(rows, verdicts(rows, criteria))
+    if unseen:
+        table += (f"\n\nthe same limits on {len(summary['unseen']['cases'])} cases they were not chosen on:\n"
+                  + summary["unseen"]["table"])
     (args.results / f"quality_calibration_{args.model}.txt").write_text(table + "\n\n" + text + "\n")
     print(table + "\n\n" + text)
     if args.write:
-        model = load_model(args.model)
         model.provenance["quality_criteria"] = criteria.to_dict()
         path = save_model(model, SHIPPED_DIR / f"{args.model}.safetensors")
         print(f"wrote the limits into {path}")
