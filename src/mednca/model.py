@@ -115,27 +115,36 @@ class NCALevel(nn.Module):
         fc0 (``folded_fc0``), and each firing cell's reflect-padded 3x3 neighbourhood, gathered as one row of
         9*C values, goes through one product with the folded weight: (9C*hidden + hidden*C) multiply-adds
         per firing cell, none for resting ones (23% fewer than ``step_conv`` at fire rate 0.5 with the
-        defaults). Works in blocks of ``block`` firing cells (default ``GEMM_ROWS`` per thread), so that the
-        gathered rows stay in the CPU caches: the best size depends on their sizes (on one host 1024 per thread
-        took 15% less time than 4096)."""
+        defaults). Without autograd it works in blocks of ``block`` firing cells (default ``GEMM_ROWS`` per
+        thread), so that the gathered rows stay in the CPU caches: the best size depends on their sizes (on
+        one host 1024 per thread took 15% less time than 4096). Under autograd it gathers once, which keeps
+        its backward pass as fast as ``step_conv``'s."""
         c = self.channels
         h, w = x.shape[-2:]
         w0, b0 = self.folded_fc0()
         w1t = F.pad(self.fc1.weight[keep:, :, 0, 0].t(), (keep, 0))  # zero columns: the image stays as it is
-        padded = to_rows(F.pad(x, (1, 1, 1, 1), mode="reflect")).reshape(-1)
-        # rows of 3 horizontal neighbours (3C contiguous values in the channels-last padded state), overlapping
-        triples = padded.as_strided((padded.numel() // c - 2, 3 * c), (c, 1))
+        padded = to_rows(F.pad(x, (1, 1, 1, 1), mode="reflect"))
         idx = fire.reshape(-1).nonzero().squeeze(1)
         # the row of each firing cell's top-left neighbour in the padded state: 2 more per row above it,
         # 2 * (w + 2) more per image before it
         corner = idx.add(idx.div(w, rounding_mode="floor"), alpha=2)
         corner.add_(idx.div(h * w, rounding_mode="floor"), alpha=2 * (w + 2))
-        windows = corner[:, None].add(torch.arange(3, device=x.device) * (w + 2)).reshape(-1)
+        if torch.is_grad_enabled():
+            # one gather of the 9 neighbours' rows: the gradient of a gather allocates its source's size
+            # at every call, and the gradient of overlapping rows is slow
+            parts, block = 9, idx.numel() or 1
+            offsets = (torch.arange(3)[:, None] * (w + 2) + torch.arange(3)).reshape(-1)
+        else:
+            # overlapping rows of 3 horizontal neighbours (3C contiguous values in the channels-last padded
+            # state): a third of the index, longer copies
+            parts, offsets = 3, torch.arange(3) * (w + 2)
+            padded = padded.reshape(-1).as_strided((padded.shape[0] - 2, 3 * c), (c, 1))
+            block = block or GEMM_ROWS * torch.get_num_threads()
+        windows = corner[:, None].add(offsets.to(x.device)).reshape(-1)
         out = x.clone(memory_format=torch.channels_last)
         cells = to_rows(out)
-        block = block or GEMM_ROWS * torch.get_num_threads()
         for start in range(0, idx.numel(), block):
-            rows = triples.index_select(0, windows[3 * start : 3 * (start + block)]).view(-1, 9 * c)
+            rows = padded.index_select(0, windows[parts * start : parts * (start + block)]).view(-1, 9 * c)
             hidden = torch.addmm(b0, rows, w0.t()).relu_()
             # the cell's new state: its old state (the centre of its window) plus fc1's update
             cells.index_copy_(0, idx[start : start + block], torch.addmm(rows[:, 4 * c : 5 * c], hidden, w1t))
