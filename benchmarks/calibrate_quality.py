@@ -10,7 +10,8 @@ relative spread of the whole volume, the share of scattered labels):
 - every case with Dice < 0.5 must get "fail";
 - at most 10% of clean cases with Dice >= 0.85 may get anything but "ok";
 - among the limits meeting both, the ones giving the most cases with Dice < 0.8 a non-ok verdict, then the
-  fewest non-ok verdicts for cases with Dice >= 0.85 (any condition), then the largest limits.
+  fewest non-ok verdicts for cases with Dice >= 0.85 (any condition), then the fewest "fail" verdicts for
+  cases with Dice >= 0.5 ("likely failed" is kept for failures), then the largest limits.
 
 The per-slice limit is the smallest of a grid for which the median number of slices worth checking on clean
 scans is at most 2. Printed: the limits, detection power (sensitivity for failed and poor cases, false alarms
@@ -122,7 +123,8 @@ def search(rows: list[dict]) -> QualityCriteria:
                     continue
                 sensitivity = (lv[poor] > 0).mean() if poor.any() else 1.0
                 alarms = (lv[good] > 0).mean() if good.any() else 0.0
-                key = (sensitivity, -alarms, nc, nf, cc, cf, sc)
+                overcalled = (lv[~failed] == 2).mean() if (~failed).any() else 0.0
+                key = (sensitivity, -alarms, -overcalled, nc, nf, cc, cf, sc)
                 if best_key is None or key > best_key:
                     best, best_key = (nc, nf, cc, cf, sc), key
     if best is None:
@@ -255,7 +257,7 @@ def main() -> None:
         "cases": len(cases), "case_ids": cases, "conditions": conditions, "rows": len(rows),
         "runs": int(rows[0]["runs"]),
         "rules": f"every Dice < {FAILED} fails; at most {MAX_FALSE_ALARMS:.0%} of clean Dice >= {GOOD} not ok; "
-                 f"then most Dice < {POOR} not ok",
+                 f"then most Dice < {POOR} not ok, fewest Dice >= {GOOD} not ok, fewest Dice >= {FAILED} failed",
         "sensitivity_failed": p["failed_get_fail"][0], "sensitivity_poor": p["poor_get_not_ok"][0],
         "false_alarms_clean_good": p["clean_good_false_alarms"][0], "auroc_nqm_poor": summary["auroc_nqm_poor"],
     }
