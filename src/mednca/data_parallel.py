@@ -1,15 +1,18 @@
 """Training on several processes that share every batch (data-parallel, over gloo).
 
-Why processes and not threads: a training step is many small operations, and two torch threads in one
-process gave only 1.43 times the speed of one on a 2-core machine, while two one-thread processes each keep
-their full speed. Each process computes its share of the batch; the loss's batch sums (BCE and the soft
-Dice's overlaps) and then the gradients are added up over the processes, so every process holds the
-gradient of the whole batch and takes the same optimiser step. The model has 70,016 parameters: adding up
-its gradient costs well under a millisecond a step.
+Why processes and not threads: a training step is hundreds of small operations, and torch's threads wait for
+each other at every one of them, so two threads run at well under twice the speed of one (1.43x on a free
+2-core machine as measured for issue 16; far slower than one thread when other jobs load the cores), while
+one-thread processes only meet twice a step. Each process computes its share of the batch; the loss's batch
+sums (BCE and the soft Dice's overlaps) and then the gradients are added up over the processes, so every
+process holds the gradient of the whole batch and takes the same optimiser step. The model has 70,016
+parameters: adding up its gradient takes about 0.7 ms a step over loopback. Each process still draws the whole
+batch (so all random streams stay in step) and augments it, so two processes spend 1.24, 1.16 and 1.09 times
+the CPU of one per sample at batch 8, 16 and 40 (``benchmarks/training.py``).
 
 ``start_workers`` starts the processes beyond the calling one (rank 0) with the ``spawn`` method (a fork of a
-process with threads, such as a viewer, is unsafe) and returns rank 0's ``BatchShare``; ``stop_workers``
-ends them (a cancelled training does not wait for them).
+process with threads, such as a viewer, is unsafe) and returns rank 0's ``BatchShare``; ``Workers.stop`` ends
+them (a cancelled training does not wait for them).
 """
 
 from __future__ import annotations

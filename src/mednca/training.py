@@ -343,8 +343,9 @@ def train_iter(
     ``workers`` > 1 shares every batch among that many processes (this one and ``workers - 1`` started for
     the run, each on one torch thread; give this one a single thread too): they draw the same batches,
     crops and firing cells as one process would, so the training is the same up to rounding, and a
-    checkpoint resumes with any number of workers. Two one-thread processes train nearly twice as fast as
-    one on two free cores, where two threads in one process do not (``mednca.data_parallel``).
+    checkpoint resumes with any number of workers. Two processes spend 1.1 to 1.25 times the CPU of one per
+    sample, so on two free cores they should train 1.6 to 1.8 times as fast, where two threads in one
+    process do not (``mednca.data_parallel``).
     """
     if isinstance(data, str | os.PathLike):
         config = config or dataset_config(data)
