@@ -173,10 +173,14 @@ def _text(value) -> str:
 
 def summarise(files: dict[str, ResultsFile], conditions: list[str], runs: int, seed: int) -> dict:
     """Per model and condition: cases, mean ± std whole Dice, mean change from clean on the same cases,
-    mean ± std NQM; per model the NQM/Dice Spearman correlation over all its rows (every condition)."""
+    mean ± std NQM; per model the NQM/Dice Spearman correlation over all its rows (every condition). Only the
+    (case, condition) pairs every model has are counted, so models are compared on identical inputs."""
+    selected = {label: [r for r in results.rows if r["runs"] == str(runs) and r["seed"] == str(seed)]
+                for label, results in files.items()}
+    common = set.intersection(*({(r["case"], r["artefact"]) for r in rows} for rows in selected.values()))
     out = {}
-    for label, results in files.items():
-        rows = [r for r in results.rows if r["runs"] == str(runs) and r["seed"] == str(seed)]
+    for label, rows in selected.items():
+        rows = [r for r in rows if (r["case"], r["artefact"]) in common]
         clean = {r["case"]: float(r["dice_whole"]) for r in rows if r["artefact"] == CLEAN}
         per = {}
         for cond in conditions:
