@@ -2,11 +2,17 @@
 
 Run on one CPU thread so the machine stays usable; the best model so far (by whole-hippocampus Dice on
 validation slices) is written at every eval, so stopping the run at any time leaves a usable model.
-Resumable: rerun the same command to continue from the last checkpoint. At the end, every validation case
-is segmented at its native resolution and its Dice logged.
+Resumable: rerun the same command to continue from OUT_DIR/training_state.safetensors (saved every 250
+iterations); a checkpoint of another recipe, batch size or model is refused. A fresh start from --init first
+logs that model's Dice on the validation probe, the baseline the run's evals compare with. At the end, every
+validation case is segmented at its native resolution and its Dice logged.
 
     python benchmarks/train_hippocampus.py DATA_DIR OUT_DIR [ITERATIONS] [--init MODEL] [--crop N] [--no-augment]
-                                           [--lr LR] [--threads N] [--eval-every N] [--eval-slices N]
+        [--lr LR] [--schedule cosine|exponential] [--final-lr-fraction F] [--batch N] [--threads N] [--workers N]
+        [--eval-every N] [--eval-slices N]
+
+--workers N shares every batch among N one-thread processes (mednca.data_parallel): the same training up to
+rounding, and a checkpoint resumes with any number of workers.
 
 The shipped models took two stages each (logs in benchmarks/results/). Stage 1, from scratch with the default recipe:
     python benchmarks/train_hippocampus.py DATA OUT1 10500
@@ -21,17 +27,23 @@ and `hippocampus_msd` on 32x32 windows without augmentation,
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from mednca.checkpoint import load_model_file, save_model
-from mednca.data import load_cases
+from mednca.data import build_slices, load_cases, split_cases
+from mednca.errors import MedNCAError
 from mednca.registry import load_model
-from mednca.training import HIPPOCAMPUS, Recipe, native_dice, train_iter
+from mednca.training import HIPPOCAMPUS, Recipe, native_dice, train_iter, validation_dice
+
+VAL_FRACTION, SEED = 0.1, 0
 
 DATA_NOTE = {"data": "MSD Task04 Hippocampus, CC-BY-SA 4.0", "licence_of_weights_data": "CC-BY-SA 4.0"}
 
@@ -56,6 +68,25 @@ def evaluate_native(model, cases) -> None:
         log(f"native Dice, {len(rows)} validation cases, {key}: mean {vals.mean():.4f} median {np.median(vals):.4f}")
 
 
+def baseline_probe_dice(model, cases, eval_slices: int) -> dict:
+    """The starting model's Dice on the validation probe train_iter evaluates (same split, same evenly
+    spaced slices), so the first evals of a run that starts from a trained model have a reference."""
+    slices = build_slices(cases, model.config, model.preprocessing)
+    val = slices.subset(split_cases(len(slices.case_ids), VAL_FRACTION, SEED)[1])
+    if len(val) > eval_slices:
+        val = val.pick(torch.linspace(0, len(val) - 1, eval_slices).round().long())
+    return validation_dice(model.eval(), val, SEED)
+
+
+def checkpoint_progress(path: Path) -> tuple[int, int] | None:
+    """(iteration reached, iterations planned) of a training checkpoint, None when there is none yet."""
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})["mednca_training"])
+    return int(meta["iteration"]), int(meta["setup"]["iterations"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
@@ -65,24 +96,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--schedule", choices=("cosine", "exponential"), default=None)
+    parser.add_argument("--final-lr-fraction", type=float, default=None, help="cosine: end at this share of --lr")
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="data-parallel processes, one thread each")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-slices", type=int, default=96)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    changes = {"crop": args.crop, "lr": args.lr, "augment": False if args.no_augment else None}
+    if args.workers > 1 and args.threads != 1:
+        parser.error("--workers runs one thread per process: leave --threads at 1")
+    changes = {"crop": args.crop, "lr": args.lr, "augment": False if args.no_augment else None,
+               "schedule": args.schedule, "final_lr_fraction": args.final_lr_fraction}
     recipe = replace(Recipe(), **{k: v for k, v in changes.items() if v is not None})
     init = None if args.init is None else load_model(args.init)
-    log(f"data {args.data}; recipe {recipe}; iterations {args.iterations}; batch 16; torch threads {args.threads}; "
-        f"init {args.init}")
+    state = out / "training_state.safetensors"
+    log(f"data {args.data}; recipe {recipe}; iterations {args.iterations}; batch {args.batch}; "
+        f"torch threads {args.threads}; workers {args.workers}; init {args.init}")
     cases = load_cases(args.data)
+    progress = checkpoint_progress(state)
+    if progress is not None:
+        log(f"resuming from {state} at iteration {progress[0]} (planned then: {progress[1]})")
+    elif init is not None:
+        log(f"it 0 validation Dice (64x64, {args.eval_slices} slices) "
+            f"{fmt(baseline_probe_dice(init, cases, args.eval_slices))} (the starting model {args.init})")
     gen = train_iter(
-        cases, config=HIPPOCAMPUS, recipe=recipe, iterations=args.iterations, batch_size=16, val_fraction=0.1, seed=0,
-        checkpoint_path=out / "training_state.safetensors", checkpoint_every=250, resume=True,
+        cases, config=HIPPOCAMPUS, recipe=recipe, iterations=args.iterations, batch_size=args.batch,
+        val_fraction=VAL_FRACTION, seed=SEED, checkpoint_path=state, checkpoint_every=250, resume=True,
         eval_every=args.eval_every, eval_slices=args.eval_slices, best_path=out / "best.safetensors",
-        provenance=DATA_NOTE, log_every=100, init_model=init,
+        provenance=DATA_NOTE, log_every=100, init_model=init, workers=args.workers,
     )
     try:
         while True:
@@ -93,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"it {ev.iteration} validation Dice (64x64, {args.eval_slices} slices) {fmt(ev.val_dice)}")
     except StopIteration as stop:
         model = stop.value
+    except MedNCAError as e:  # e.g. a checkpoint saved with another recipe: say so instead of a traceback
+        sys.exit(f"train_hippocampus: error: {e}")
     save_model(model, out / "final.safetensors")
     log(f"done; final weights in {out / 'final.safetensors'}; validation cases: {model.provenance['validation_cases']}")
     best = load_model_file(out / "best.safetensors")

@@ -9,6 +9,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from cli_support import make_task, tiny_model_file
 
 from mednca import cli, training
@@ -86,6 +87,34 @@ def test_resuming_may_keep_updating_the_best_model_of_the_run_it_continues(task,
     assert train(task, tiny, out, "--iterations", "3", "--best", best, "--checkpoint", tmp_path / "run.ckpt",
                  "--resume") == 0
     assert load_model_file(out).provenance["iterations"] == 3
+
+
+# ---------------------------------------------------------------------------------- data-parallel workers
+
+
+def test_two_worker_processes_train_the_model_one_process_trains(task, tiny, tmp_path, capsys):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert train(task, tiny, one, "--iterations", "4") == 0
+    assert train(task, tiny, two, "--iterations", "4", "--workers", "2") == 0
+    assert "trained 4 iterations in" in capsys.readouterr().out
+    a, b = load_model_file(one), load_model_file(two)
+    assert b.provenance["training_processes"] == 2 and a.provenance["training_processes"] == 1
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)  # the same batches, summed gradients: rounding only
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--workers", "3"], "--workers 3 is more than the --batch-size 2 they share"),
+        (["--workers", "2", "--threads", "2"], "--workers runs every process on one thread"),
+    ],
+)
+def test_impossible_worker_settings_are_refused_before_training(extra, message, task, tiny, tmp_path, capsys,
+                                                               monkeypatch):
+    never_trains(monkeypatch)
+    assert train(task, tiny, tmp_path / "m.safetensors", *extra) == 1
+    assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- interruption, divergence

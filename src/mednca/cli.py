@@ -166,6 +166,8 @@ examples:
       train a model; Ctrl-C stops it and prints the command that continues from its checkpoint
   mednca train Task04_Hippocampus/ -o refined.safetensors --init hippocampus --lr 1e-3 --best best.safetensors
       continue from the shipped model's weights, keeping the model with the best validation Dice too
+  mednca train Task04_Hippocampus/ -o my_model.safetensors --workers 2
+      share every batch among 2 one-thread processes: the same training, faster on 2 free cores
 
 A model file, --best or a checkpoint that exists is never replaced; all are checked before training starts."""
 
@@ -296,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of the fine-level training window (default: the recipe's, 16); larger sees more context")
     p.add_argument("--no-augment", action="store_true", help="train on the slices as they are")
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
+    p.add_argument("--workers", type=whole_number(1), default=1, metavar="N",
+                   help="share every batch among N processes of one thread each (the same training up to rounding; "
+                        "a checkpoint resumes with any number); at most --batch-size")
     p = command("finetune", "adapt a model to one scan from a few annotated slices", FINETUNE_EXAMPLES, cmd_finetune)
     p.add_argument("scan", type=Path, help="the scan (a file, or a DICOM series folder)")
     p.add_argument("labels", type=Path,
@@ -632,11 +637,15 @@ def cmd_train(args) -> int:
     if args.resume and not checkpoint.exists():
         print(f"no checkpoint at {checkpoint} yet: starting from iteration 0", file=sys.stderr)
     _check_train_files(args, output, checkpoint)
+    if args.workers > args.batch_size:
+        raise MedNCAError(f"--workers {args.workers} is more than the --batch-size {args.batch_size} they share")
+    if args.workers > 1 and (args.threads or 1) > 1:
+        raise MedNCAError("--workers runs every process on one thread: leave out --threads or give 1")
     every = args.checkpoint_every or max(1, min(500, args.iterations // 10))
     options = dict(
         iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
         seed=args.seed, eval_every=args.eval_every, checkpoint_path=checkpoint, checkpoint_every=every,
-        resume=args.resume, best_path=args.best,
+        resume=args.resume, best_path=args.best, workers=args.workers,
         # a loss reported at every evaluation and checkpoint: divergence is seen before either saves weights
         log_every=math.gcd(50, args.eval_every, every),
     )
@@ -654,7 +663,7 @@ def cmd_train(args) -> int:
     saved_at, at, dice = None, 0, None
     bar = tqdm(total=args.iterations, unit="it", file=sys.stderr, desc="training")
     try:
-        with torch_threads(args.threads or default_threads()):
+        with torch_threads(1 if args.workers > 1 else args.threads or default_threads()):
             while True:
                 try:
                     event = next(gen)
@@ -757,6 +766,8 @@ def _resume_command(args, checkpoint: Path) -> str:
     parts = ["mednca train", str(args.data), "-o", str(args.output), "--checkpoint", str(checkpoint), "--resume",
              "--iterations", str(args.iterations), "--batch-size", str(args.batch_size),
              "--val-fraction", str(args.val_fraction), "--seed", str(args.seed)]
+    if args.workers > 1:
+        parts += ["--workers", str(args.workers)]
     for flag, value in (("--lr", args.lr), ("--init", args.init), ("--best", args.best), ("--crop", args.crop)):
         if value is not None:
             parts += [flag, str(value)]
