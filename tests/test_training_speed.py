@@ -185,12 +185,19 @@ def test_two_processes_train_as_one(toy, two_worker_run):
     assert not workers_alive()  # the worker ended with the run
 
 
-def test_a_data_parallel_run_resumes_from_its_checkpoint(toy, two_worker_run, tmp_path):
-    ckpt = tmp_path / "state.safetensors"
+def until_checkpoint(toy, ckpt):
+    """A 2-worker run saving its state every 3 iterations, stopped at its first checkpoint event: the open
+    generator and that event."""
     gen = run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3)
     for event in gen:
         if event.kind == "checkpoint":
-            break
+            return gen, event
+    raise AssertionError("the run saved no checkpoint")
+
+
+def test_a_data_parallel_run_resumes_from_its_checkpoint(toy, two_worker_run, tmp_path):
+    ckpt = tmp_path / "state.safetensors"
+    gen, event = until_checkpoint(toy, ckpt)
     gen.close()  # cancelled: the worker is ended, not left waiting
     assert event.iteration == 3 and not workers_alive()
     events, resumed = finish(run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3, resume=True))
@@ -207,10 +214,7 @@ def test_worker_count_is_checked(toy):
 
 def test_a_killed_worker_stops_the_run_with_an_error_and_the_checkpoint_resumes(toy, two_worker_run, tmp_path):
     ckpt = tmp_path / "state.safetensors"
-    gen = run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3)
-    for event in gen:
-        if event.kind == "checkpoint":
-            break
+    gen, _ = until_checkpoint(toy, ckpt)
     (worker,) = workers_alive()
     os.kill(worker.pid, signal.SIGKILL)
     with pytest.raises(MedNCAError, match="another training process ended"):
