@@ -7,9 +7,11 @@ import json
 
 import nibabel as nib
 import pytest
+import torch.multiprocessing as mp
 from gui_annotation import screenshot_shows_something
-from gui_support import open_panel, tiny_model_path, wait_for, work_unit  # noqa: F401 (fixtures)
+from gui_support import open_panel, timeout_ms, tiny_model_path, wait_for, work_unit  # noqa: F401 (fixtures)
 
+from mednca.data_parallel import START_SECONDS, WORKER_NAME
 from mednca.datasets import make_phantom
 from mednca.registry import list_models, load_model
 
@@ -102,3 +104,32 @@ def test_a_folder_without_dataset_json_starts_nothing(setup, tmp_path):
     assert step.start() is None
     assert not panel.progress.busy and step.worker is None
     screenshot_shows_something(viewer, tmp_path / "nothing.png")
+
+
+def training_processes() -> list:
+    return [p for p in mp.active_children() if p.name.startswith(WORKER_NAME)]
+
+
+def test_two_free_cores_train_on_two_processes_and_cancel_ends_them(qtbot, setup, tmp_path, work_unit,  # noqa: F811
+                                                                    monkeypatch):
+    viewer, panel, step, tiny = setup
+    monkeypatch.setattr("napari_nca._qt.panel.default_threads", lambda: 2)  # two cores free when Train is pressed
+    started = timeout_ms(work_unit, 10) + 1000 * START_SECONDS  # a process starting imports torch
+    step.iterations.setValue(4)
+    step.name.setText("two-processes")
+    step.start()
+    qtbot.waitUntil(lambda: not panel.progress.busy, timeout=started)
+    assert "Saved as two-processes" in step.result_label.text()
+    assert load_model("two-processes").provenance["training_processes"] == 2
+    assert not training_processes(), "the second process outlived its training"
+
+    step.iterations.setValue(100_000)
+    step.start()
+    qtbot.waitUntil(lambda: len(step.plot.losses) >= 2, timeout=started)
+    assert "on 2 processes" in panel.progress.text
+    assert len(training_processes()) == 1
+    panel.progress.cancel_button.click()
+    wait_for(qtbot, panel.progress, work_unit)
+    assert "Cancelled" in step.result_label.text()
+    qtbot.waitUntil(lambda: not training_processes(), timeout=timeout_ms(work_unit))
+    screenshot_shows_something(viewer, tmp_path / "two-processes.png")

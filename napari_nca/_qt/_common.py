@@ -233,15 +233,20 @@ def run_worker(panel: ProgressPanel, function, *args, on_yield=None, on_return=N
 
     Yielded values update the panel and go to ``on_yield``; the generator's return value goes to
     ``on_return`` (on the GUI thread); an exception becomes one notification (engine errors with their own
-    words) and goes to ``on_error``. Cancel stops the generator at its next yield and calls ``on_abort``
-    instead; ``on_finish`` comes last in every case.
+    words) and goes to ``on_error``. Cancel stops the generator at its next yield, closes it (its ``finally``
+    blocks run) and calls ``on_abort`` instead; ``on_finish`` comes last in every case.
     A panel that is already running refuses a second run. When ``panel`` is deleted (the dock was closed)
     the worker is told to stop, and none of its later signals reaches a widget.
     """
     if panel.busy:
         show_info("A run is already in progress: wait for it or cancel it first.")
         return None
-    worker = create_worker(function, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+    work = function(*args, **kwargs)
+
+    def relay():  # the worker's generator; ``work`` stays ours to close on Cancel
+        return (yield from work)
+
+    worker = create_worker(relay, _start_thread=False, _ignore_errors=True)
     try:  # napari would report the error a second time, with a traceback meant for developers
         worker.errored.disconnect(worker._relay_error)
     except (AttributeError, TypeError, RuntimeError):
@@ -261,6 +266,10 @@ def run_worker(panel: ProgressPanel, function, *args, on_yield=None, on_return=N
             on_error(exc)
 
     def aborted():
+        # The worker thread has stopped at a yield and will not resume the generator, but napari keeps it
+        # as it is; closing it runs its clean-up now (e.g. training ends its other processes), not at some
+        # later garbage collection.
+        work.close()
         outcome["text"] = "cancelled"
         if on_abort is not None and alive(panel):
             on_abort()

@@ -4,6 +4,11 @@ One engine call, ``mednca.training.train_iter``, runs in a worker, from a new mo
 architecture or from the panel's model (which keeps its architecture and classes, and is itself never
 changed). The loss curve and the validation Dice grow while it trains, Cancel stops it with nothing saved,
 and the finished model goes to the user's model folder under the chosen name, where the model list finds it.
+
+Where two or more cores are free when Train is pressed, the batches are shared among that many one-thread
+processes (``train_iter(workers=...)``): a training step is hundreds of small operations, and two processes
+train 1.5 to 1.8 times as fast as one thread where two threads of one process gain less (issue 16's
+measurements, README *Speed*). The training itself is the same up to rounding.
 """
 
 from __future__ import annotations
@@ -39,9 +44,17 @@ EVALUATIONS = 10  # validation Dice points over a run
 DEFAULT_ITERATIONS = 2000
 
 
+BATCH = 16  # train_iter's default batch size: the most processes that can share it
+
+
 def train_worker(folder, *, threads, **kwargs):
     """Worker generator: ``train_iter`` with ``threads`` torch threads; returns the trained model."""
     return (yield from in_threads(train_iter(folder, **kwargs), threads))
+
+
+def processes_for(free_cores: int) -> int:
+    """Training processes for ``free_cores`` free cores: one per core, up to the batch size."""
+    return max(1, min(free_cores, BATCH))
 
 
 class TrainStep(QWidget):
@@ -95,6 +108,7 @@ class TrainStep(QWidget):
 
         self.trained = None  # a finished model whose save failed, kept for "Save again"
         self.worker = None
+        self.processes = 1  # of the current or last run
         self.save_button.setVisible(False)
         self.browse.clicked.connect(self._choose_folder)
         self.train_button.clicked.connect(self.start)
@@ -116,10 +130,12 @@ class TrainStep(QWidget):
             notify_error(exc)
             return None
         total = int(self.iterations.value())
+        self.processes = processes_for(self.panel.threads)
         self.worker = run_worker(
             self.panel.progress, train_worker, folder, iterations=total, seed=int(self.panel.settings.seed.value()),
             init_model=init, log_every=min(max(1, total // POINTS), LOG_EVERY_MAX),
-            eval_every=max(1, total // EVALUATIONS), threads=self.panel.threads,
+            eval_every=max(1, total // EVALUATIONS), batch_size=BATCH, workers=self.processes,
+            threads=1 if self.processes > 1 else self.panel.threads,
             on_yield=self._on_event, on_return=self._finished, on_abort=self._cancelled, text="reading the dataset…",
         )
         if self.worker is not None:  # its events reach this (GUI) thread only after this method returns
@@ -138,8 +154,9 @@ class TrainStep(QWidget):
         if event.val_dice:
             self.plot.add_dice(event.iteration, event.val_dice["whole"])
         dice = f", validation Dice {self.plot.dice[-1][1]:.3f}" if self.plot.dice else ""
+        on = f" on {self.processes} processes" if self.processes > 1 else ""
         self.panel.progress.show_count(event.iteration, event.total,
-                                       f"training {event.iteration}/{event.total}, {event.elapsed:.0f} s{dice}")
+                                       f"training{on} {event.iteration}/{event.total}, {event.elapsed:.0f} s{dice}")
 
     def _finished(self, model):
         self.trained = model
