@@ -99,6 +99,8 @@ def test_two_worker_processes_train_the_model_one_process_trains(task, tiny, tmp
     assert "trained 4 iterations in" in capsys.readouterr().out
     a, b = load_model_file(one), load_model_file(two)
     assert b.provenance["training_processes"] == 2 and a.provenance["training_processes"] == 1
+    assert "2 process(es) of 1 thread(s)" in b.provenance["trained_on"]  # where it ran, for a model table
+    assert a.provenance["trained_on"].startswith("CPU: ") and torch.__version__ in a.provenance["trained_on"]
     for x, y in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)  # the same batches, summed gradients: rounding only
 

@@ -51,6 +51,7 @@ from .orientation import Reorientation, plane_of
 from .preprocess import Preprocessing
 from .progress import run_to_end
 from .staging import staged_file
+from .step_paths import cpu_name
 from .volume import Volume, check_labels, image_array
 
 HIPPOCAMPUS = NCAConfig(output_channels=2, class_names=("anterior", "posterior"))
@@ -438,6 +439,7 @@ def _stamp(model: MedNCA, setup: dict, iteration: int, seconds: float, dice: dic
         planned_iterations=setup["iterations"],
         train_seconds=round(seconds, 1),
         training_processes=processes,
+        trained_on=where_trained(processes),
         seed=setup["seed"],
         batch_size=setup["batch_size"],
         recipe=setup["recipe"],
@@ -445,6 +447,14 @@ def _stamp(model: MedNCA, setup: dict, iteration: int, seconds: float, dice: dic
     )
     if dice is not None:
         model.provenance["validation_dice_model_space"] = {k: round(v, 4) for k, v in dice.items()}
+
+
+def where_trained(processes: int) -> str:
+    """The machine a model was trained on, for its provenance: the CPU, the processes and their threads,
+    torch's version (training here runs on the CPU)."""
+    threads = 1 if processes > 1 else torch.get_num_threads()
+    return (f"CPU: {cpu_name()}, {processes} process(es) of {threads} thread(s), "
+            f"torch {torch.__version__}")
 
 
 def _set_lr(opt: torch.optim.Optimizer, recipe: Recipe, iteration: int, total: int) -> None:
