@@ -12,6 +12,7 @@ Everything that could lose a result is decided here, up front, so a long batch n
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,20 @@ def plan(scans: list[Path], output: Path, kinds: tuple[str, ...]) -> list[Job]:
         jobs = [Job(s, {k: output / f"{names[s]}_{k}.nii.gz" for k in kinds}) for s in scans]
     _refuse_clashes(jobs)
     return jobs
+
+
+def batch_summary(outcomes: dict[str, int], jobs: int, report: str | os.PathLike | None) -> int:
+    """A batch's last lines on stderr (where its results table is; how many scans were skipped or failed,
+    when any were) and its exit status: 1 when a scan failed, else 0. ``outcomes`` counts "segmented",
+    "skipped" and "failed" scans."""
+    if report is not None:
+        print(f"mednca: results table {report}", file=sys.stderr)
+    if outcomes["failed"] or outcomes["skipped"]:
+        parts = [f"{outcomes[k]} {k}" for k in ("segmented", "skipped", "failed") if outcomes[k]]
+        print(f"mednca: {', '.join(parts)} of {jobs} scans" +
+              (" (skipped: their results exist; --overwrite recomputes them)" if outcomes["skipped"] else ""),
+              file=sys.stderr)
+    return 1 if outcomes["failed"] else 0
 
 
 def names_a_file(output: Path) -> bool:

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .artefacts import ARTEFACTS, CLEAN, parse_artefacts
-from .batch import Job, find_scans, plan
+from .batch import Job, batch_summary, find_scans, plan
 from .checkpoint import read_metadata, save_model
 from .data import data_pairs
 from .errors import MedNCAError
@@ -360,14 +360,7 @@ def cmd_segment(args) -> int:
         outcomes[outcome] += 1
         if table is not None and row is not None:
             table.add(row)
-    if table is not None:
-        print(f"mednca: results table {args.report}", file=sys.stderr)
-    if outcomes["failed"] or outcomes["skipped"]:
-        parts = [f"{outcomes[k]} {k}" for k in ("segmented", "skipped", "failed") if outcomes[k]]
-        print(f"mednca: {', '.join(parts)} of {len(jobs)} scans" +
-              (" (skipped: their results exist; --overwrite recomputes them)" if outcomes["skipped"] else ""),
-              file=sys.stderr)
-    return 1 if outcomes["failed"] else 0
+    return batch_summary(outcomes, len(jobs), args.report if table is not None else None)
 
 
 def _segment_one(model, job: Job, args, threads: int, bar: bool = True) -> tuple[str, str, dict | None]:

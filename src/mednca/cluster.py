@@ -42,7 +42,7 @@ from pathlib import Path
 import dask
 from tqdm import tqdm
 
-from .batch import Job
+from .batch import Job, batch_summary
 from .checkpoint import load_model_file, save_model
 from .errors import MedNCAError
 from .evaluation import evaluate_iter
@@ -259,14 +259,7 @@ def segment_on_cluster(jobs: list[Job], args, model: MedNCA, table: ReportFile |
             return 130
         finally:
             _remove_staging(jobs)
-    if table is not None:
-        print(f"mednca: results table {args.report}", file=sys.stderr)
-    if outcomes["failed"] or outcomes["skipped"]:
-        parts = [f"{outcomes[k]} {k}" for k in ("segmented", "skipped", "failed") if outcomes[k]]
-        print(f"mednca: {', '.join(parts)} of {len(jobs)} scans" +
-              (" (skipped: their results exist; --overwrite recomputes them)" if outcomes["skipped"] else ""),
-              file=sys.stderr)
-    return 1 if outcomes["failed"] else 0
+    return batch_summary(outcomes, len(jobs), args.report if table is not None else None)
 
 
 def _in_hand(client: Client, futures) -> list[Future]:
