@@ -3,7 +3,7 @@
 For each validation case of a model (scans it never trained on) and each condition (the clean scan and the
 MRI artefacts of ``mednca.artefacts``, the same corrupted scans the rest of the suite scores), the true
 labels of N slices spread over the structure are given as the annotation, the model is fine-tuned with the
-shared defaults (``mednca.training.FINETUNE``), and both models segment the scan as ``mednca.segment`` does.
+shared defaults (``mednca.finetuning.FINETUNE``), and both models segment the scan as ``mednca.segment`` does.
 Reported, per case: whole-hippocampus Dice on the slices that were NOT annotated for the base model and the
 adapted one; the engine's estimates of those two numbers; whether it recommended the adapted model; the
 Dice of the model the user ends up with when following that advice; and the time the fine-tune took.
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from mednca.artefacts import CLEAN, scan_under
+from mednca.finetuning import FINETUNE, annotated_slices, finetune
 from mednca.inference import segment, slice_axis, torch_threads
 from mednca.registry import load_model
-from mednca.training import FINETUNE, annotated_slices, finetune
 from mednca.volume import read_volume
 
 CONDITIONS = (CLEAN, "ghosting", "bias_field", "motion", "spike", "inversion")

@@ -11,9 +11,10 @@ import pytest
 from training_support import TINY, same, toy_case, weights
 
 from mednca.errors import MedNCAError, VolumeError
+from mednca.finetuning import FINETUNE, finetune, finetune_iter
 from mednca.model import MedNCA
 from mednca.registry import ModelEntry
-from mednca.training import FINETUNE, Recipe, finetune, finetune_iter, native_dice, new_model, train
+from mednca.training import Recipe, native_dice, new_model, train
 from mednca.volume import Volume
 
 pytestmark = pytest.mark.usefixtures("one_thread")

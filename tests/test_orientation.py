@@ -149,7 +149,8 @@ def _write_dicom_series(volume: Volume, folder):
 def test_finetuning_a_reoriented_scan_learns_the_same_model(one_thread):
     from training_support import TINY, same, toy_case, weights
 
-    from mednca.training import finetune, new_model
+    from mednca.finetuning import finetune
+    from mednca.training import new_model
 
     base = new_model(TINY, MedNCA(TINY).preprocessing, seed=0)
     image, labels = toy_case(7)

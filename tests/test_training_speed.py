@@ -20,7 +20,7 @@ from training_support import TINY, toy_case
 from mednca.data_parallel import WORKER_NAME, BatchShare
 from mednca.errors import MedNCAError
 from mednca.model import MedNCA, NCAConfig
-from mednca.training import HIPPOCAMPUS, Recipe, _crop, crop_forward, segmentation_loss, train_iter
+from mednca.training import HIPPOCAMPUS, Recipe, crop_forward, crop_windows, segmentation_loss, train_iter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +84,7 @@ def test_window_from_the_coarse_state_is_bit_identical(config, batch, crop):
         for p in model.parameters():
             p.mul_(3)
     images, labels, origins = random_batch(config, batch, crop, seed=batch * 100 + crop)
-    ours = loss_and_grads(crop_forward, model, images, labels, origins, crop, _crop)
+    ours = loss_and_grads(crop_forward, model, images, labels, origins, crop, crop_windows)
     plain = loss_and_grads(plain_crop_forward, model, images, labels, origins, crop, plain_crop)
     assert torch.equal(ours[0], plain[0]) and torch.equal(ours[1], plain[1])
     assert all(torch.equal(a, b) for a, b in zip(ours[2], plain[2], strict=True))
@@ -100,7 +100,7 @@ def shared_batch_grads(model, images, labels, origins, crop, share=None):
     model.zero_grad(set_to_none=True)
     part = slice(None) if share is None else share.part(len(images))
     logits, _ = crop_forward(model, images, origins, crop, torch.Generator().manual_seed(7), part)
-    loss = segmentation_loss(logits, _crop(labels[part], origins[part], crop), share)
+    loss = segmentation_loss(logits, crop_windows(labels[part], origins[part], crop), share)
     loss.backward()
     if share is not None:
         share.sum_gradients(model.parameters())

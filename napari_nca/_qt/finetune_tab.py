@@ -3,7 +3,7 @@
 The user paints corrections on a segmentation layer (or on a new, empty Labels layer) in the model's plane.
 On a segmentation the plugin made, the slices used are those the user changed (the layer keeps the labels
 as the engine gave them); on any other layer, every labelled slice. The run is
-``mednca.training.finetune_iter`` on those slices, then ``segment_iter`` with the adapted model, in one
+``mednca.finetuning.finetune_iter`` on those slices, then ``segment_iter`` with the adapted model, in one
 worker: the loss curve grows while it trains, and the new segmentation lands in a new layer beside the
 user's, which is never written over. The readout is the engine's: whether the adapted model is expected
 to be better on the slices nobody painted (cross-validated on the painted ones), and its advice; the
@@ -43,10 +43,10 @@ from qtpy.QtWidgets import (
 )
 
 from mednca.errors import MedNCAError
+from mednca.finetuning import FINETUNE, annotated_slices, finetune_iter
 from mednca.inference import segment_iter, slice_axis
 from mednca.orientation import plane_of
 from mednca.registry import save_user_model
-from mednca.training import FINETUNE, annotated_slices, finetune_iter
 
 from .._colours import VERDICT_COLOURS, labels_colormap
 from .._layers import (

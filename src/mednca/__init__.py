@@ -12,11 +12,12 @@ The engine behind the napari-nca plugin, usable from scripts and the ``mednca`` 
 from .checkpoint import import_reference, load_model_file, save_model
 from .errors import CheckpointError, MedNCAError, VolumeError
 from .evaluation import evaluate
+from .finetuning import finetune
 from .inference import quality_map, record_growth, segment
 from .model import MedNCA, NCAConfig
 from .preprocess import Preprocessing
 from .registry import list_models, load_model, save_user_model
-from .training import finetune, train
+from .training import train
 from .volume import Volume, check_labels, image_array, read_volume, write_volume
 
 __all__ = [

@@ -28,6 +28,7 @@ from .checkpoint import read_metadata, save_model
 from .data import data_pairs
 from .errors import MedNCAError
 from .evaluation import EvaluationReport, ScoreTable, evaluate_iter, select_cases
+from .finetuning import FINETUNE, finetune_iter
 from .inference import quality_iter, segment_iter, torch_threads
 from .orientation import PLANE_NAMES, axis_codes, axis_of_plane, plane_of
 from .progress import run_to_end
@@ -35,7 +36,7 @@ from .registry import DEFAULT_MODEL, list_models, load_model, resolve
 from .report import ReportFile, failure_row, result_row
 from .staging import remove_stale_temp
 from .threads import default_threads
-from .training import AUTHORS_RECIPE, FINETUNE, Recipe, finetune_iter, train_iter
+from .training import AUTHORS_RECIPE, Recipe, train_iter
 from .volume import check_labels, read_volume, write_volume
 
 DESCRIPTION = """\

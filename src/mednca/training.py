@@ -1,4 +1,4 @@
-"""Training a Med-NCA model from labelled volumes, and fine-tuning one on a few annotated slices.
+"""Training a Med-NCA model from labelled volumes (fine-tuning on a few slices: ``finetuning``).
 
 The authors' recipe: level 0 runs on the whole downscaled slice, its state is upsampled, and level 1 runs
 on a random crop of it only (the image at full size goes into channel 0), so a training step costs a
@@ -9,7 +9,7 @@ clipped gradients, and augmentation (flips, gamma, contrast, smooth bias field, 
 is the plain recipe, for comparison.
 
 All randomness (initial weights, batches, crops, augmentation, firing cells) comes from ``seed``, so the
-same seed gives the same weights. Both loops are generators: the caller sees progress and cancels by no
+same seed gives the same weights. The loop is a generator: the caller sees progress and cancels by no
 longer iterating; the weights the caller handed in are never modified.
 """
 
@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import save_model, weights_digest
+from .checkpoint import save_model
 from .data import (
     Case,
     SliceSet,
     augment,
     build_slices,
-    case_slices,
     dataset_config,
     dataset_provenance,
     load_cases,
@@ -45,14 +44,11 @@ from .data import (
 )
 from .data_parallel import BatchShare, join, start_workers
 from .errors import CheckpointError, MedNCAError
-from .inference import slice_axis
 from .model import MedNCA, NCAConfig
-from .orientation import Reorientation, plane_of
 from .preprocess import Preprocessing
 from .progress import run_to_end
 from .staging import staged_file
 from .step_paths import cpu_name
-from .volume import Volume, check_labels, image_array
 
 HIPPOCAMPUS = NCAConfig(output_channels=2, class_names=("anterior", "posterior"))
 MEASURED_DICE = ("validation_dice_native", "validation_dice_model_space")  # provenance keys of measured results
@@ -138,7 +134,7 @@ def crop_forward(
         )
         window = level == cfg.levels - 1 and origins is not None
         if window:
-            img = _crop(img, origins, crop)
+            img = crop_windows(img, origins, crop)
         if state is None:
             state = img.new_zeros((img.shape[0], cfg.channels, *img.shape[-2:]))
         elif window:
@@ -155,7 +151,7 @@ def crop_forward(
     return state[:, k : k + cfg.output_channels], coarse
 
 
-def _crop(x: torch.Tensor, origins: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+def crop_windows(x: torch.Tensor, origins: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """The ``size`` windows of ``x [B, C, H, W]`` at ``origins [B, 2]`` (row, col), one per batch item, in one
     gather (its backward adds into one gradient of the input's size, not one per item)."""
     rows, cols = (size, size) if isinstance(size, int) else size
@@ -166,15 +162,15 @@ def _crop(x: torch.Tensor, origins: torch.Tensor, size: int | tuple[int, int]) -
 
 
 def _upsampled_window(coarse: torch.Tensor, origins: torch.Tensor, size: int, factor: int) -> torch.Tensor:
-    """``_crop(F.interpolate(coarse, scale_factor=factor, mode="nearest"), origins, size)`` without the
+    """``crop_windows(F.interpolate(coarse, scale_factor=factor, mode="nearest"), origins, size)`` without the
     whole upsampled state: the coarse cells under each window are gathered, upsampled, and the window cut
     from them. Bit-identical forward and backward (the upsampling's backward adds up the same values of
     each cell's block in the same order; the gathers' backward only places values)."""
     h, w = coarse.shape[-2:]
     n_r, n_c = min(h, (size - 2) // factor + 2), min(w, (size - 2) // factor + 2)  # cells a window can touch
     start = torch.stack(((origins[:, 0] // factor).clamp(max=h - n_r), (origins[:, 1] // factor).clamp(max=w - n_c)), 1)
-    cells = F.interpolate(_crop(coarse, start, (n_r, n_c)), scale_factor=factor, mode="nearest")
-    return _crop(cells, origins - start * factor, size)
+    cells = F.interpolate(crop_windows(coarse, start, (n_r, n_c)), scale_factor=factor, mode="nearest")
+    return crop_windows(cells, origins - start * factor, size)
 
 
 def crop_origins(labels: torch.Tensor, crop: int, foreground: float, gen: torch.Generator) -> torch.Tensor:
@@ -474,7 +470,7 @@ def _train_step(
     origins = crop_origins(labels, recipe.crop, recipe.foreground_crops, gen)
     part = slice(None) if share is None else share.part(batch_size)
     logits, _ = crop_forward(model, images, origins, recipe.crop, gen, part)
-    loss = segmentation_loss(logits, _crop(labels[part], origins[part], recipe.crop), share)
+    loss = segmentation_loss(logits, crop_windows(labels[part], origins[part], recipe.crop), share)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if share is not None:
@@ -554,302 +550,3 @@ def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float,
             }
     gen.set_state(tensors["rng"])
     return int(meta["iteration"]), float(meta["best"]), float(meta["seconds"])
-
-
-# ------------------------------------------------------------------------------------------ fine-tuning
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """How a model is adapted to one scan from a few annotated slices, and how it is judged. ``FINETUNE``
-    holds the defaults that the engine, the command line and the plugin share.
-
-    A few slices are learned by heart within tens of steps, and a jump of the weights shows on the slices
-    nobody annotated. So training is gentle: ``iterations`` Adam steps at ``lr``, each on ``batch_size``
-    augmented ``crop``-sized windows of the annotated slices at the fine level (None: whole slices), and
-    the model kept is the running average of the weights (``average`` is the share of the past at each
-    step), which moves smoothly where the raw weights jump from batch to batch.
-
-    The judgement: on a slice it did not train on, the adapted model's Dice falls with the distance to the
-    nearest annotated slice. Two points are measured: on the annotated slices themselves (distance 0), and,
-    by cross-validation, as far away as the annotated slices are from each other (the annotated slices are
-    dealt into at most ``folds`` groups, each segmented by a model trained the same way without it). The
-    Dice expected on the slices that were not annotated is the cross-validated one plus a share of the
-    adapted model's lead on its annotated slices: ``carry`` times their proximity (1 next to an annotated
-    slice, 0 at the cross-validation's distance or farther, averaged over them). ``carry`` < 1 because even
-    next to an annotated slice the lead is smaller than on it; 0.5 fitted 47 development runs with no mean
-    error (1, a straight line, overestimated by 0.046; 0, cross-validation alone, underestimated by 0.043).
-    Every Dice is pooled over ``runs`` stochastic runs. The adapted model is recommended when that estimate
-    beats the base model's Dice on the annotated slices by ``margin`` or more and the cross-validation lost
-    at most ``far_loss`` against the base model on the same slices (when it gains nothing there, the gain
-    next to annotated slices was as likely a loss as a gain in development).
-    """
-
-    iterations: int = 40
-    lr: float = 3e-4
-    batch_size: int = 8
-    crop: int | None = 32
-    average: float = 0.9
-    folds: int = 4
-    runs: int = 3
-    carry: float = 0.5
-    margin: float = 0.02
-    far_loss: float = 0.0
-
-    def __post_init__(self):
-        if min(self.iterations, self.batch_size, self.runs) < 1 or self.folds < 2:
-            raise MedNCAError("fine-tuning needs at least 1 iteration, a batch of 1 window, 1 run and 2 folds")
-        if self.crop is not None and self.crop < 1:
-            raise MedNCAError(f"the fine-tuning window must be at least 1 pixel, not {self.crop}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise MedNCAError(f"the learning rate must be a positive number, not {self.lr}")
-        if not 0 <= self.average < 1:
-            raise MedNCAError(f"the weight average's share of the past must be in [0, 1), not {self.average}")
-        if not 0 <= self.carry <= 1:
-            raise MedNCAError(f"the share of the lead that carries over must be in [0, 1], not {self.carry}")
-
-
-FINETUNE = FinetuneSettings()
-FOREGROUND_CROPS = 0.8  # share of fine-tuning windows that hold annotated structure
-
-
-@dataclass
-class FinetuneReport:
-    """What fine-tuning did, and what to expect from the adapted model.
-
-    ``estimate_before`` and ``estimate_after`` are the whole-structure Dice expected on the slices that were
-    NOT annotated: for the base model, its Dice on the annotated slices (which it never trained on); for the
-    adapted one, the estimate ``FinetuneSettings`` describes (None with a single annotated slice).
-    ``held_out_dice`` is the cross-validation's part of it: the Dice on annotated slices of models trained
-    without them. ``recommended`` is True when the adapted model is expected to be better, and ``advice``
-    says in one line what to do. ``dice_before`` and ``dice_after`` (per class, plus "whole") are measured
-    on the annotated slices themselves, which the adapted model trained on: they show that it learned them,
-    not that it is better elsewhere. ``slices`` are indices along the scan axis the model slices; ``losses``
-    the training loss at each iteration of the adapted model.
-    """
-
-    slices: list[int]
-    iterations: int
-    losses: list[float]
-    seconds: float
-    dice_before: dict[str, float]
-    dice_after: dict[str, float]
-    estimate_before: float
-    estimate_after: float | None
-    held_out_dice: float | None
-    recommended: bool
-    advice: str
-
-
-def annotated_slices(labels: np.ndarray, axis: int) -> list[int]:
-    """Indices along ``axis`` of the slices that carry any label."""
-    other = tuple(a for a in range(labels.ndim) if a != axis)
-    return np.flatnonzero(np.asarray(labels).any(axis=other)).tolist()
-
-
-def finetune_iter(
-    model: MedNCA,
-    volume: Volume,
-    labels,
-    slices: Sequence[int] | None = None,
-    *,
-    iterations: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    settings: FinetuneSettings = FINETUNE,
-    base_name: str | None = None,
-) -> Generator[TrainEvent, None, tuple[MedNCA, FinetuneReport]]:
-    """Adapt ``model`` to one scan from a few annotated slices; yields ``TrainEvent``s and returns
-    ``(adapted model, FinetuneReport)``. ``model`` itself is never changed.
-
-    ``labels`` (array or Volume, the shape of ``volume``) are used on the slices along the model's plane
-    (the scan axis ``slice_axis`` names) that carry any label, or on ``slices`` (indices along that axis)
-    when given (then an empty slice teaches "nothing here"). The scan is brought to the model's orientation
-    first, as inference does. ``settings`` (default ``FINETUNE``) says how; ``iterations``, ``lr`` and
-    ``batch_size`` override it. The adapted model is trained first (events of kind "step", counting its
-    iterations), then the cross-validation models (kind "fold", counting all their iterations together,
-    without a loss). ``base_name`` (the base model's name or file) goes into the adapted model's provenance.
-    """
-    overrides = {"iterations": iterations, "lr": lr, "batch_size": batch_size}
-    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    chosen, axis, n, image, target = _annotated(model, volume, labels, slices)
-    inputs, onehot = case_slices(image, target, model.config, model.preprocessing)
-    onehot = onehot.float()
-
-    t0 = time.perf_counter()
-    before = native_dice(model, image, target, seed)
-    tuned, losses = yield from _tune(model, inputs, onehot, settings, [seed], "step", t0)
-    after = native_dice(tuned, image, target, seed)
-    held_out = yield from _cross_validate(model, image, target, inputs, onehot, settings, seed, t0)
-    estimate_before = _dice(_overlap(model, image, target, seed, settings.runs))
-    estimate = None
-    if held_out is not None:
-        lead = _dice(_overlap(tuned, image, target, seed, settings.runs)) - held_out
-        estimate = held_out + settings.carry * _proximity(chosen, n) * lead
-    recommended, advice = _advice(estimate_before, estimate, held_out, settings)
-    tuned.provenance = {  # the base's held-out Dice was measured on other weights: not carried over
-        **{k: v for k, v in model.provenance.items() if k not in MEASURED_DICE},
-        "finetuned_from": {k: model.provenance.get(k) for k in ("source", "iterations", "finetuned_from")},
-        "finetune": {
-            "base_model": base_name, "base_weights_sha256": _weights_digest(model),
-            "slices": chosen, "axis": axis, "source": str(volume.source) if volume.source else None,
-            "settings": asdict(settings), "seed": seed,
-            "estimate_before": round(estimate_before, 4),
-            "estimate_after": None if estimate is None else round(estimate, 4),
-            "held_out_dice": None if held_out is None else round(held_out, 4),
-            "recommended": recommended,
-        },
-    }
-    report = FinetuneReport(chosen, settings.iterations, losses, time.perf_counter() - t0, before, after,
-                            estimate_before, estimate, held_out, recommended, advice)
-    yield TrainEvent(settings.iterations, settings.iterations, None, report.seconds, "done")
-    return tuned, report
-
-
-def finetune(model: MedNCA, volume: Volume, labels, slices: Sequence[int] | None = None, **kwargs):
-    """``finetune_iter`` run to the end; returns ``(adapted model, FinetuneReport)``."""
-    return run_to_end(finetune_iter(model, volume, labels, slices, **kwargs))
-
-
-def _annotated(
-    model: MedNCA, volume: Volume, labels, slices
-) -> tuple[list[int], int, int, np.ndarray, np.ndarray]:
-    """The slices to learn from (scan indices along the model's plane), that axis, its number of slices, and
-    the image and labels of those slices in the model's orientation and slice order; refuses labels that do
-    not fit."""
-    lab = check_labels(labels, volume)
-    k = model.config.output_channels
-    top = int(lab.max(initial=0))
-    if k > 1 and top > k:
-        raise MedNCAError(
-            f"the labels hold class {top}, but the model segments only {k} classes {model.config.class_names}"
-        )
-    axis = slice_axis(model, volume)
-    reorientation = Reorientation.between(volume.affine, model.preprocessing.orientation)
-    plane = plane_of(model.preprocessing.orientation, model.preprocessing.axis)
-    chosen = sorted(set(int(s) for s in slices)) if slices is not None else annotated_slices(lab, axis)
-    if not chosen:
-        raise MedNCAError(f"no annotated slice along axis {axis} ({plane} slices, the plane the model segments): "
-                          "label at least one slice to fine-tune on")
-    n = lab.shape[axis]
-    bad = [s for s in chosen if not 0 <= s < n]
-    if bad:
-        raise MedNCAError(f"slices {bad} lie outside the volume (axis {axis} has {n} slices)")
-    in_model = sorted(n - 1 - s if reorientation.reversed(axis) else s for s in chosen)  # model's slice order
-    model_axis = model.preprocessing.axis
-    image = np.take(reorientation.to_model(image_array(volume)), in_model, axis=model_axis)
-    target = np.take(reorientation.to_model(lab), in_model, axis=model_axis)
-    return chosen, axis, n, image, target
-
-
-def _tune(
-    model: MedNCA, inputs: torch.Tensor, onehot: torch.Tensor, settings: FinetuneSettings, seed: list[int],
-    kind: str, t0: float, done: int = 0, total: int | None = None,
-) -> Generator[TrainEvent, None, tuple[MedNCA, list[float]]]:
-    """Train a copy of ``model`` on model-space slices as ``settings`` say; returns the running average of
-    its weights and the loss per iteration. Events of kind "step" carry the loss and count this run's
-    iterations; others count ``done`` + this run's iterations of ``total``, without a loss."""
-    tuned = copy.deepcopy(model).train()
-    average = copy.deepcopy(model).eval()
-    opt = torch.optim.Adam(tuned.parameters(), lr=settings.lr)
-    state = np.random.SeedSequence(seed).generate_state(2, np.uint32)
-    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    n, losses = len(inputs), []
-    crop = settings.crop if settings.crop is not None and settings.crop < min(model.config.input_size) else None
-    for it in range(settings.iterations):
-        idx = (torch.randperm(n, generator=gen)[: settings.batch_size] if settings.batch_size <= n
-               else torch.randint(n, (settings.batch_size,), generator=gen))
-        x, y = augment(inputs[idx], onehot[idx], gen)
-        if crop is None:
-            logits, _ = crop_forward(tuned, x, None, 0, gen)
-        else:
-            origins = crop_origins(y, crop, FOREGROUND_CROPS, gen)
-            logits, _ = crop_forward(tuned, x, origins, crop, gen)
-            y = _crop(y, origins, crop)
-        loss = segmentation_loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for mine, live in zip(average.parameters(), tuned.parameters(), strict=True):
-                mine.lerp_(live, 1 - settings.average)
-        losses.append(loss.item())
-        elapsed = time.perf_counter() - t0
-        if kind == "step":
-            yield TrainEvent(it + 1, settings.iterations, losses[-1], elapsed, kind)
-        else:
-            yield TrainEvent(done + it + 1, total, None, elapsed, kind)
-    return average, losses
-
-
-def _cross_validate(
-    model: MedNCA, image: np.ndarray, target: np.ndarray, inputs: torch.Tensor, onehot: torch.Tensor,
-    settings: FinetuneSettings, seed: int, t0: float,
-) -> Generator[TrainEvent, None, float | None]:
-    """Whole-structure Dice on annotated slices of models trained without them: the slices are dealt into at
-    most ``settings.folds`` groups (slice i to group i mod k, so each group spans the structure and its
-    slices' nearest neighbours are in other groups), each segmented by a model trained on the others; the
-    overlaps of all groups are pooled, as Dice over a volume pools its slices. None with a single slice."""
-    n = len(inputs)
-    k = min(settings.folds, n)
-    if k < 2:
-        return None
-    axis = model.preprocessing.axis
-    total = np.zeros(2)
-    for fold in range(k):
-        held = list(range(fold, n, k))
-        rest = [i for i in range(n) if i % k != fold]
-        fold_model, _ = yield from _tune(model, inputs[rest], onehot[rest], settings, [seed, fold + 1], "fold", t0,
-                                         fold * settings.iterations, k * settings.iterations)
-        total += _overlap(fold_model, np.take(image, held, axis), np.take(target, held, axis), seed, settings.runs)
-    return _dice(total)
-
-
-def _overlap(model: MedNCA, image: np.ndarray, target: np.ndarray, seed: int, runs: int) -> np.ndarray:
-    """Twice the overlap and the total size of predicted and true structure (all classes together), summed
-    over ``runs`` stochastic runs: Dice pooled over runs is steadier than one run's."""
-    total = np.zeros(2)
-    for run in range(runs):
-        pred, truth = native_masks(model, image, target, seed + run)
-        pred, truth = pred.any(1), truth.any(1)
-        total += (2 * (pred & truth).sum().item(), pred.sum().item() + truth.sum().item())
-    return total
-
-
-def _dice(overlap: np.ndarray) -> float:
-    return 1.0 if overlap[1] == 0 else float(overlap[0] / overlap[1])
-
-
-def _proximity(chosen: list[int], n: int) -> float:
-    """How near the slices that were not annotated lie to annotated ones: the mean over them of
-    1 - distance / gap, at least 0, where the gap is the mean distance of an annotated slice to its nearest
-    annotated neighbour (how far the cross-validation's held-out slices are from the slices their models
-    trained on). Slices beyond the annotated range by more than the gap (mostly empty) are left out."""
-    gap = float(np.mean([min(abs(s - t) for t in chosen if t != s) for s in chosen]))
-    others = [s for s in range(n) if s not in chosen and chosen[0] - gap <= s <= chosen[-1] + gap]
-    if not others:
-        return 1.0
-    distance = np.array([min(abs(s - t) for t in chosen) for s in others])
-    return float(np.mean(np.clip(1 - distance / gap, 0, 1)))
-
-
-def _advice(before: float, after: float | None, held_out: float | None, settings: FinetuneSettings
-            ) -> tuple[bool, str]:
-    """Whether to use the adapted model, and why, in one line."""
-    if after is None or held_out is None:
-        return False, ("one annotated slice leaves none to check the adapted model on: annotate 2 or more "
-                       "slices; keep the current model")
-    expected = f"expected Dice on the slices it did not train on: {before:.3f} now, {after:.3f} adapted"
-    if held_out < before - settings.far_loss:
-        return False, (f"the adapted model is not expected to be better ({expected}, but models trained without "
-                       f"some annotated slices did worse on those: {held_out:.3f}): keep the current model")
-    if after - before < settings.margin:
-        return False, f"the adapted model is not expected to be better ({expected}): keep the current model"
-    return True, f"{expected}: use the adapted model"
-
-
-def _weights_digest(model: MedNCA) -> str:
-    """The SHA-256 of a model's weights, as its file records it: names the base of a fine-tuned model."""
-    return weights_digest(model.state_dict())
