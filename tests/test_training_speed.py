@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 
@@ -222,3 +224,32 @@ def test_a_killed_worker_stops_the_run_with_an_error_and_the_checkpoint_resumes(
             pass
     _, resumed = finish(run(toy, workers=2, checkpoint_path=ckpt, checkpoint_every=3, resume=True))
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), two_worker_run[1].parameters(), strict=True))
+
+
+KILLED_RUN = """
+import sys
+import torch.multiprocessing as mp
+from training_support import TINY, toy_case
+from mednca.data_parallel import WORKER_NAME
+from mednca.training import Recipe, train_iter
+run = train_iter([toy_case(s) for s in range(6)], config=TINY, recipe=Recipe(crop=8), iterations=10**9,
+                 batch_size=4, val_fraction=0.34, eval_every=10**9, log_every=1, workers=2)
+next(run)
+print(*[p.pid for p in mp.active_children() if p.name.startswith(WORKER_NAME)], flush=True)
+for _ in run:
+    pass
+"""
+
+
+def test_a_worker_whose_first_process_is_killed_ends_with_one_line(tmp_path):
+    """The first process of a 2-process run (the one the user started) is killed: the other ends at once,
+    saying why in one line, without a traceback."""
+    tests = os.path.dirname(__file__)
+    run = subprocess.Popen([sys.executable, "-c", KILLED_RUN], cwd=tests, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": tests})
+    assert int(run.stdout.readline()) > 0  # the worker started
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    err = run.stderr.read()  # reaches its end when the worker, which shares the pipe, has ended
+    assert "mednca training process 1: stopped: another training process ended" in err
+    assert "Traceback" not in err

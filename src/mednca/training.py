@@ -20,6 +20,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass
@@ -484,7 +485,9 @@ def _train_step(
 def _train_worker(rank: int, size: int, store_path: str, ready, payload: dict) -> None:
     """A data-parallel training process beyond the first: ``train_iter``'s steps on its part of every batch,
     from the state rank 0 had when it started them; evaluation, checkpoints and events stay with rank 0.
-    Ctrl-C is rank 0's to handle (it ends the workers)."""
+    Ctrl-C is rank 0's to handle (it ends the workers). When rank 0 is gone (killed, or its machine asleep
+    past the time-out), this process ends with one line, not a traceback: rank 0 tells the user what happened
+    when it is there to."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     model, recipe, total = payload["model"].train(), payload["recipe"], payload["iterations"]
@@ -494,9 +497,12 @@ def _train_worker(rank: int, size: int, store_path: str, ready, payload: dict) -
     gen.set_state(payload["rng"])
     ready.put(rank)
     share = join(store_path, rank, size)
-    for it in range(payload["start"], total):
-        _set_lr(opt, recipe, it, total)
-        _train_step(model, opt, payload["train"], payload["batch_size"], recipe, gen, share)
+    try:
+        for it in range(payload["start"], total):
+            _set_lr(opt, recipe, it, total)
+            _train_step(model, opt, payload["train"], payload["batch_size"], recipe, gen, share)
+    except MedNCAError as e:
+        sys.exit(f"mednca training process {rank}: stopped: {e}")
 
 
 def train(data, **kwargs) -> MedNCA:
