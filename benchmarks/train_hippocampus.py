@@ -9,7 +9,11 @@ validation case is segmented at its native resolution and its Dice logged.
 
     python benchmarks/train_hippocampus.py DATA_DIR OUT_DIR [ITERATIONS] [--init MODEL] [--crop N] [--no-augment]
         [--lr LR] [--schedule cosine|exponential] [--final-lr-fraction F] [--batch N] [--threads N] [--workers N]
-        [--eval-every N] [--eval-slices N]
+        [--eval-every N] [--eval-slices N] [--snapshots-from N]
+
+--snapshots-from N keeps the weights at every eval from iteration N on as OUT_DIR/snapshot_ITERATION.safetensors,
+for averaging the last checkpoints of a run (it changes nothing in the training, so a run resumes with or
+without it).
 
 --workers N shares every batch among N one-thread processes (mednca.data_parallel): the same training up to
 rounding, and a checkpoint resumes with any number of workers.
@@ -41,7 +45,7 @@ from mednca.checkpoint import load_model_file, save_model
 from mednca.data import build_slices, load_cases, split_cases
 from mednca.errors import MedNCAError
 from mednca.registry import load_model
-from mednca.training import HIPPOCAMPUS, Recipe, native_dice, train_iter, validation_dice
+from mednca.training import HIPPOCAMPUS, MEASURED_DICE, Recipe, native_dice, train_iter, validation_dice
 
 VAL_FRACTION, SEED = 0.1, 0
 
@@ -87,6 +91,18 @@ def checkpoint_progress(path: Path) -> tuple[int, int] | None:
     return int(meta["iteration"]), int(meta["setup"]["iterations"])
 
 
+def save_snapshot(state: Path, best: Path, out: Path) -> None:
+    """The weights of training checkpoint ``state`` as a model file ``out``: the architecture, preprocessing and
+    provenance of the run's best model ``best`` (both come from the same run), its measured Dice left out."""
+    model = load_model_file(best)
+    with safe_open(str(state), framework="pt") as f:
+        iteration = int(json.loads((f.metadata() or {})["mednca_training"])["iteration"])
+        model.load_state_dict({k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})  # noqa: SIM118
+    model.provenance = {**{k: v for k, v in model.provenance.items() if k not in MEASURED_DICE},
+                        "iterations": iteration, "snapshot": f"the weights at iteration {iteration} of the run"}
+    save_model(model, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
@@ -103,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=1, help="data-parallel processes, one thread each")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-slices", type=int, default=96)
+    parser.add_argument("--snapshots-from", type=int, default=None, metavar="N",
+                        help="keep the weights at every eval from iteration N on (snapshot_ITERATION.safetensors)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out
@@ -136,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
                 log(f"it {ev.iteration}/{ev.total} loss {ev.loss:.4f} {ev.elapsed:.0f}s")
             elif ev.kind == "eval":
                 log(f"it {ev.iteration} validation Dice (64x64, {args.eval_slices} slices) {fmt(ev.val_dice)}")
+            elif (ev.kind == "checkpoint" and args.snapshots_from is not None and ev.iteration >= args.snapshots_from
+                  and ev.iteration % args.eval_every == 0):
+                save_snapshot(state, out / "best.safetensors", out / f"snapshot_{ev.iteration}.safetensors")
     except StopIteration as stop:
         model = stop.value
     except MedNCAError as e:  # e.g. a checkpoint saved with another recipe: say so instead of a traceback
