@@ -18,6 +18,7 @@ them (a cancelled training does not wait for them).
 from __future__ import annotations
 
 import queue
+import re
 import shutil
 import tempfile
 import time
@@ -54,7 +55,7 @@ class BatchShare:
         try:
             self.group.allreduce([out]).wait()
         except RuntimeError as e:  # gloo: a peer closed its connection, or the timeout passed
-            raise MedNCAError(f"another training process ended or stopped answering ({str(e).splitlines()[0]}); "
+            raise MedNCAError(f"another training process ended or stopped answering ({_reason(e)}); "
                               "a run with a checkpoint resumes from it") from None
         return out
 
@@ -65,6 +66,13 @@ class BatchShare:
         total = self.sum(torch.cat([g.reshape(-1) for g in grads]))
         for p, chunk in zip(params, total.split([g.numel() for g in grads]), strict=True):
             p.grad = chunk.view_as(p).clone()
+
+
+def _reason(error: RuntimeError) -> str:
+    """gloo's reason in a few words: its first sentence without the source location (e.g. "Connection closed
+    by peer [127.0.0.1]:14720"; the rest of its message is advice for torch's own developers)."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
 
 
 def join(store_path: str, rank: int, size: int) -> BatchShare:
