@@ -227,6 +227,31 @@ def test_ctrl_c_keeps_what_finished_and_the_rerun_segments_only_what_is_missing(
 
 
 @needs_dask
+def test_a_scan_that_starts_after_ctrl_c_writes_nothing(scheduler, model_file, scans, tmp_path):
+    """Between Ctrl-C and the cancel reaching the scheduler a worker may start another scan; it must find the
+    run stopped and write nothing, or its result would lack its row in the table."""
+    from argparse import Namespace
+
+    from distributed import Event
+
+    from mednca.batch import plan
+    from mednca.checkpoint import load_model_file
+    from mednca.cluster import segment_scan, shared_model
+
+    _, client, _ = scheduler
+    [job] = plan([scans / "s0.nii.gz"], tmp_path / "out", ("seg",))
+    job.outputs["seg"].parent.mkdir()
+    options = Namespace(overwrite=False, plane=None, seed=0, quality=0)
+    with shared_model(client, load_model_file(model_file)) as name:
+        stop = f"mednca-stop-test-{tmp_path.name}"
+        assert client.submit(segment_scan, name, job, options, 1, stop, pure=False).result() is not None
+        job.outputs["seg"].unlink()
+        Event(stop, client=client).set()
+        assert client.submit(segment_scan, name, job, options, 1, stop, pure=False).result() is None
+    assert not job.outputs["seg"].exists()
+
+
+@needs_dask
 def test_a_worker_killed_mid_scan_loses_no_scan_and_leaves_no_partial_file(scheduler, real_scans, tmp_path):
     """Runs last: it kills one of the module's two workers."""
     address, client, procs = scheduler

@@ -52,7 +52,7 @@ from .report import ReportFile, failure_row
 from .staging import remove_stale_temp
 
 try:
-    from distributed import Client, Future, LocalCluster, WorkerPlugin, as_completed, get_worker
+    from distributed import Client, Event, Future, LocalCluster, WorkerPlugin, as_completed, get_worker
     from distributed.scheduler import KilledWorker
 except ImportError as e:  # the base install: the cluster is an extra
     raise MedNCAError(f"--scheduler and --workers need Dask distributed ({e}): "
@@ -185,9 +185,14 @@ def _outcome(future: Future) -> tuple[Future, object, str | None]:
 # ------------------------------------------------------------------------------------------------ segment
 
 
-def segment_scan(model: str, job: Job, options: argparse.Namespace, threads: int) -> tuple[str, str, dict | None]:
+def segment_scan(model: str, job: Job, options: argparse.Namespace, threads: int,
+                 stop: str | None = None) -> tuple[str, str, dict | None] | None:
     """The task of one scan, on a worker: segment it as the in-process command does (or skip it when its
-    results exist); a scan that cannot be segmented is returned as a failure, not raised."""
+    results exist); a scan that cannot be segmented is returned as a failure, not raised. None, and nothing
+    written, when the Dask Event named ``stop`` is set as it starts: the command was interrupted, and a task
+    that starts then would write a result the command no longer waits for."""
+    if stop is not None and Event(stop).is_set():
+        return None
     try:
         line, outcome, row = _segment_one(_worker_model(model), job, options, threads, bar=False)
     except (MedNCAError, MemoryError, OSError) as e:
@@ -211,8 +216,9 @@ def segment_on_cluster(jobs: list[Job], args, model: MedNCA, table: ReportFile |
     """``mednca segment`` with ``--scheduler``/``--workers``: every job a task; prints a line per scan as it
     finishes, keeps the results table, and returns the exit status (1 when a scan failed, 130 on Ctrl-C).
 
-    Ctrl-C cancels the scans not started and waits for those in hand, so that every result a worker writes
-    gets its row (a second Ctrl-C leaves them: a worker may then still write a result the table lacks)."""
+    Ctrl-C stops new scans from starting, cancels those not started and waits for those in hand, so that every
+    result a worker writes gets its row (a second Ctrl-C leaves them: a worker may then still write a result
+    the table lacks)."""
     options = argparse.Namespace(overwrite=args.overwrite, plane=args.plane, seed=args.seed, quality=args.quality)
     # A scan with no result yet is computed whatever its task finds: a worker that died after writing a result
     # but before reporting it has the scan retried, and the retry must make the row, not skip the scan.
@@ -224,6 +230,8 @@ def segment_on_cluster(jobs: list[Job], args, model: MedNCA, table: ReportFile |
     def record(batch: list[tuple[Future, object, str | None]]) -> None:
         rows = []
         for future, result, error in batch:
+            if result is None and error is None:  # started after Ctrl-C, so it did nothing
+                continue
             job = jobs[futures[future]]
             if error is None:
                 line, outcome, row = _as_given(result, job, sent[futures[future]])
@@ -237,7 +245,8 @@ def segment_on_cluster(jobs: list[Job], args, model: MedNCA, table: ReportFile |
 
     with connect(args.scheduler, args.workers) as client, shared_model(client, model) as name:
         token = uuid.uuid4().hex[:8]
-        futures = {client.submit(segment_scan, name, job, options if _any_exists(job) else fresh, threads,
+        stop = f"mednca-stop-{token}"
+        futures = {client.submit(segment_scan, name, job, options if _any_exists(job) else fresh, threads, stop,
                                  pure=False, key=f"mednca-segment-{token}-{i}"): i for i, job in enumerate(sent)}
         recorded = set()
         try:
@@ -245,6 +254,9 @@ def segment_on_cluster(jobs: list[Job], args, model: MedNCA, table: ReportFile |
                 record(batch)
                 recorded.update(future for future, _, _ in batch)  # after: an interrupted record is done again
         except KeyboardInterrupt:
+            # First no scan may start, then those already started are the ones to wait for: in the other
+            # order, a worker could start a scan between the two, and write a result without a row.
+            Event(stop, client=client).set()
             in_hand = [f for f in _in_hand(client, futures) if f not in recorded]
             client.cancel([f for f in futures if f not in in_hand])
             print(f"mednca: interrupted; finishing the {len(in_hand)} scan(s) in progress (Ctrl-C again to leave "
