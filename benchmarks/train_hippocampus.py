@@ -31,7 +31,6 @@ and `hippocampus_msd` on 32x32 windows without augmentation,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -39,13 +38,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from mednca.checkpoint import load_model_file, save_model
 from mednca.data import build_slices, load_cases, split_cases
 from mednca.errors import MedNCAError
 from mednca.registry import load_model
-from mednca.training import HIPPOCAMPUS, MEASURED_DICE, Recipe, native_dice, train_iter, validation_dice
+from mednca.training import (
+    HIPPOCAMPUS,
+    MEASURED_DICE,
+    Recipe,
+    native_dice,
+    read_training_state,
+    state_weights,
+    train_iter,
+    validation_dice,
+)
 
 VAL_FRACTION, SEED = 0.1, 0
 
@@ -86,8 +93,7 @@ def checkpoint_progress(path: Path) -> tuple[int, int] | None:
     """(iteration reached, iterations planned) of a training checkpoint, None when there is none yet."""
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})["mednca_training"])
+    meta, _ = read_training_state(path, tensors=False)
     return int(meta["iteration"]), int(meta["setup"]["iterations"])
 
 
@@ -95,9 +101,9 @@ def save_snapshot(state: Path, best: Path, out: Path) -> None:
     """The weights of training checkpoint ``state`` as a model file ``out``: the architecture, preprocessing and
     provenance of the run's best model ``best`` (both come from the same run), its measured Dice left out."""
     model = load_model_file(best)
-    with safe_open(str(state), framework="pt") as f:
-        iteration = int(json.loads((f.metadata() or {})["mednca_training"])["iteration"])
-        model.load_state_dict({k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")})  # noqa: SIM118
+    meta, tensors = read_training_state(state)
+    iteration = int(meta["iteration"])
+    model.load_state_dict(state_weights(tensors))
     model.provenance = {**{k: v for k, v in model.provenance.items() if k not in MEASURED_DICE},
                         "iterations": iteration, "snapshot": f"the weights at iteration {iteration} of the run"}
     save_model(model, out)

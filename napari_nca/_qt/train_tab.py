@@ -42,8 +42,6 @@ POINTS = 200  # loss points reported over a run of any length...
 LOG_EVERY_MAX = 20  # ...but at least one every 20 iterations, so a long run shows life at once
 EVALUATIONS = 10  # validation Dice points over a run
 DEFAULT_ITERATIONS = 2000
-
-
 BATCH = 16  # train_iter's default batch size: the most processes that can share it
 
 
@@ -130,12 +128,13 @@ class TrainStep(QWidget):
             notify_error(exc)
             return None
         total = int(self.iterations.value())
-        self.processes = processes_for(self.panel.threads)
+        free = self.panel.threads  # read once: the load average moves
+        self.processes = processes_for(free)
         self.worker = run_worker(
             self.panel.progress, train_worker, folder, iterations=total, seed=int(self.panel.settings.seed.value()),
             init_model=init, log_every=min(max(1, total // POINTS), LOG_EVERY_MAX),
             eval_every=max(1, total // EVALUATIONS), batch_size=BATCH, workers=self.processes,
-            threads=1 if self.processes > 1 else self.panel.threads,
+            threads=1 if self.processes > 1 else free,
             on_yield=self._on_event, on_return=self._finished, on_abort=self._cancelled, text="reading the dataset…",
         )
         if self.worker is not None:  # its events reach this (GUI) thread only after this method returns

@@ -530,15 +530,26 @@ def save_training_state(path, model, opt, gen, setup: dict, iteration: int, best
         save_file(tensors, tmp, metadata={"mednca_training": json.dumps(meta)})
 
 
-def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float, float]:
-    """Restore what ``save_training_state`` wrote; refuses a checkpoint of a different training setup."""
+def read_training_state(path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata (setup, iteration, best, seconds) and, with ``tensors``, the tensors of a checkpoint
+    ``save_training_state`` wrote; the model's weights are those named ``model.*`` (``state_weights``)."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["mednca_training"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            return meta, {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path} is not a training checkpoint ({e})") from None
+
+
+def state_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state dict among a training checkpoint's tensors."""
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float, float]:
+    """Restore what ``save_training_state`` wrote; refuses a checkpoint of a different training setup."""
+    meta, tensors = read_training_state(path)
     theirs = {k: v for k, v in meta["setup"].items() if k != "iterations"}
     if isinstance(theirs.get("recipe"), dict):  # recipe settings added since: their defaults are what it used
         theirs["recipe"] = {**json.loads(json.dumps(asdict(Recipe()))), **theirs["recipe"]}
@@ -546,7 +557,7 @@ def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float,
     if theirs != ours:
         changed = sorted(k for k in ours if theirs.get(k) != ours[k])
         raise CheckpointError(f"{path} was saved by a different training setup (differs in {changed})")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict(state_weights(tensors))
     for i, p in enumerate(model.parameters()):
         if f"adam.{i}.exp_avg" in tensors:
             opt.state[p] = {
