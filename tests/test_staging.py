@@ -31,6 +31,22 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_nothing_behind(tmp_pa
     assert (tmp_path / "new.csv").stat().st_mode & 0o044  # readable by others as any new file
 
 
+def test_a_ctrl_c_just_as_the_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C can land at any line: also right after the temporary file exists, before writing begins (a
+    Dask batch interrupted as it rewrote its results table left one)."""
+    target, real_close = tmp_path / "table.csv", os.close
+
+    def interrupted(fd):
+        real_close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(staging.os, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt), staging.staged_file(target) as tmp:
+        tmp.write_text("never written")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_save_killed_midway_leaves_only_a_recognisable_temp_file(tmp_path):
     script = (
         "import os, sys, safetensors.torch as st\n"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,15 +26,22 @@ def staged_file(path: str | os.PathLike) -> Iterator[Path]:
     and is removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, _mode_for(path))  # mkstemp makes the file private; the result gets the usual mode
+    tmp = temp_path(path.parent, path.suffix)
+    try:  # created inside: a Ctrl-C arriving as it is made still removes it
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        yield tmp
+        os.chmod(tmp, _mode_for(path))  # it was made private; the result gets the usual mode
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_path(folder: Path, suffix: str = "") -> Path:
+    """A new temporary name in ``folder`` (nothing is created): ``temp_prefix()``, 16 random hex digits,
+    ``suffix``. The caller creates it exclusively inside the block that removes it on failure, so that no
+    interruption can leave it behind (``tempfile.mkstemp`` creates the file before its caller can guard it)."""
+    return folder / f"{temp_prefix()}{secrets.token_hex(8)}{suffix}"
 
 
 def _mode_for(path: Path) -> int:

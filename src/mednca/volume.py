@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 
 from .errors import VolumeError
-from .staging import temp_prefix
+from .staging import temp_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -134,12 +133,10 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
         raise VolumeError(f"{path} is a folder; give a file name to write to")
     data = _storable(volume.array, path.name)
     _refuse_source(volume, path)
-    try:
+    tmp_dir = temp_path(path.parent)
+    try:  # the staging folder is made inside the block that removes it, so no interruption leaves it behind
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=path.parent))
-    except OSError as e:
-        raise VolumeError(f"cannot write {path}: {_os_reason(e)}") from None
-    try:
+        tmp_dir.mkdir(mode=0o700)
         staged = tmp_dir / path.name
         if name.endswith(NIFTI_SUFFIXES):
             nib.save(_nifti_image(volume, data), staged)
