@@ -3,6 +3,7 @@ repository; tests that need it skip with the reason when it is absent."""
 
 from __future__ import annotations
 
+import locale
 import os
 from pathlib import Path
 
@@ -22,6 +23,16 @@ def _need(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (set MEDNCA_SHARED to the shared folder)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _locale_kept():
+    """The process locale as it was before the test. GDCM's DICOM writer, which tests use to make series,
+    sets it to "C": Python's default text encoding would then be ASCII for every later test (a subprocess's
+    UTF-8 output could not be read). napari-nca itself never writes DICOM."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture(scope="session")
