@@ -1,4 +1,5 @@
-"""Recipe settings: the authors' zero-initialised last layer, and checkpoints saved before a setting existed."""
+"""Recipe settings: the authors' zero-initialised last layer, artefacts, and checkpoints saved before a setting
+existed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from training_support import TINY, same, toy_case, weights
 
+from mednca.errors import MedNCAError
 from mednca.model import MedNCA
 from mednca.training import AUTHORS_RECIPE, Recipe, train, train_iter
 
@@ -51,8 +53,18 @@ def test_a_checkpoint_from_before_a_recipe_setting_resumes(toy, tmp_path):
     with safe_open(str(ckpt), framework="pt") as f:
         meta = json.loads(f.metadata()["mednca_training"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    del meta["setup"]["recipe"]["zero_fc1"]
+    for added in ("zero_fc1", "artefacts"):
+        del meta["setup"]["recipe"][added]
     save_file(tensors, ckpt, metadata={"mednca_training": json.dumps(meta)})
     resumed = train(toy, **args, checkpoint_path=ckpt, resume=True)
     assert resumed.provenance["iterations"] == 6
     assert same(weights(resumed), weights(straight))
+
+
+def test_artefacts_change_the_training_and_a_share_outside_0_to_1_is_refused(toy):
+    plain = train(toy, **short(iterations=3))
+    corrupted = train(toy, **short(iterations=3, recipe=Recipe(artefacts=0.9)))
+    assert corrupted.provenance["recipe"]["artefacts"] == 0.9
+    assert not same(weights(plain), weights(corrupted))
+    with pytest.raises(MedNCAError, match="artefacts must be 0 to 1"):
+        train(toy, **short(recipe=Recipe(artefacts=1.5)))

@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=whole_number(1), default=None,
                    help="side of the fine-level training window (default: the recipe's, 16); larger sees more context")
     p.add_argument("--no-augment", action="store_true", help="train on the slices as they are")
+    p.add_argument("--artefacts", type=fraction, default=None, metavar="SHARE",
+                   help="give this share of the training slices one MRI artefact (spike, ghosting, motion, thick "
+                        "slices, blur, strong noise, inverted contrast), for a model that holds up on corrupted "
+                        "scans (default: 0)")
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
     p.add_argument("--workers", type=whole_number(1), default=1, metavar="N",
                    help="share every batch among N processes of one thread each (the same training up to rounding; "
@@ -650,6 +654,8 @@ def cmd_train(args) -> int:
         recipe = replace(recipe, crop=args.crop)
     if args.no_augment:
         recipe = replace(recipe, augment=False)
+    if args.artefacts is not None:
+        recipe = replace(recipe, artefacts=args.artefacts)
     options["recipe"] = recipe
     data_pairs(args.data)  # a bad folder is reported now, with its reason, not by the training loop
     print(f"reading {args.data} ...", file=sys.stderr)
@@ -762,7 +768,8 @@ def _resume_command(args, checkpoint: Path) -> str:
              "--val-fraction", str(args.val_fraction), "--seed", str(args.seed)]
     if args.workers > 1:
         parts += ["--workers", str(args.workers)]
-    for flag, value in (("--lr", args.lr), ("--init", args.init), ("--best", args.best), ("--crop", args.crop)):
+    for flag, value in (("--lr", args.lr), ("--init", args.init), ("--best", args.best), ("--crop", args.crop),
+                        ("--artefacts", args.artefacts)):
         if value is not None:
             parts += [flag, str(value)]
     parts += [flag for flag, on in (("--authors-recipe", args.authors_recipe), ("--no-augment", args.no_augment)) if on]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .errors import MedNCAError
 from .model import NCAConfig
 from .orientation import Reorientation
-from .preprocess import Preprocessing, prepare_slices, rescale_percentiles
+from .preprocess import Preprocessing, prepare_slices
 from .volume import Volume, check_labels, image_array, read_volume
 
 Pair = tuple["Volume | str | os.PathLike", "Volume | str | os.PathLike"]
@@ -202,23 +202,3 @@ def split_cases(n_cases: int, val_fraction: float, seed: int) -> tuple[list[int]
         n_val = min(max(n_val, 1), n_cases - 1)
     return sorted(order[n_val:]), sorted(order[:n_val])
 
-
-def augment(
-    images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random appearance changes a scanner or a protocol could make, on model-space slices in [0, 1]:
-    a left-right flip (slice dimension 0 is left-right in the MSD crops; front and back are never swapped,
-    since they tell the anterior class from the posterior one), gamma, contrast and brightness, a smooth
-    multiplicative bias field, noise. The result is rescaled per slice as preprocessing would."""
-    n = images.shape[0]
-    flip = torch.rand(n, generator=gen) < 0.5
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-2), images)
-    labels = torch.where(flip.view(-1, 1, 1, 1), labels.flip(-2), labels)
-    coarse = torch.randn((n, 1, 3, 3), generator=gen) * 0.25
-    field = F.interpolate(coarse, size=images.shape[-2:], mode="bicubic", align_corners=True).exp()
-    gamma = torch.exp(torch.empty((n, 1, 1, 1)).uniform_(-0.4, 0.4, generator=gen))
-    scale = torch.empty((n, 1, 1, 1)).uniform_(0.8, 1.2, generator=gen)
-    shift = torch.empty((n, 1, 1, 1)).uniform_(-0.1, 0.1, generator=gen)
-    noise = torch.randn(images.shape, generator=gen) * torch.empty((n, 1, 1, 1)).uniform_(0, 0.04, generator=gen)
-    x = (images * field).clamp(min=0).pow(gamma) * scale + shift + noise
-    return rescale_percentiles(x, (0.5, 99.5), per_slice=True), labels

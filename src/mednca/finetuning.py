@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
+from .augmentation import augment
 from .checkpoint import weights_digest
-from .data import augment, case_slices
+from .data import case_slices
 from .errors import MedNCAError
 from .inference import slice_axis
 from .model import MedNCA

@@ -5,8 +5,9 @@ on a random crop of it only (the image at full size goes into channel 0), so a t
 sixteenth of a full forward pass; the loss is BCE + (1 - soft Dice) on the level-1 crop, and both levels
 learn end to end. ``Recipe()`` keeps that and converges faster on a CPU: most crops are centred near the
 structure (a random crop of a 64x64 slice mostly shows background), warm-up then cosine learning rate,
-clipped gradients, and augmentation (flips, gamma, contrast, smooth bias field, noise). ``AUTHORS_RECIPE``
-is the plain recipe, for comparison.
+clipped gradients, and augmentation (flips, gamma, contrast, smooth bias field, noise), with MRI artefacts
+on a share of the slices where ``artefacts`` > 0 (``mednca.augmentation``). ``AUTHORS_RECIPE`` is the
+plain recipe, for comparison.
 
 All randomness (initial weights, batches, crops, augmentation, firing cells) comes from ``seed``, so the
 same seed gives the same weights. The loop is a generator: the caller sees progress and cancels by no
@@ -32,11 +33,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .augmentation import add_artefacts, augment
 from .checkpoint import save_model
 from .data import (
     Case,
     SliceSet,
-    augment,
     build_slices,
     dataset_config,
     dataset_provenance,
@@ -60,7 +61,9 @@ class Recipe:
     """How a model is trained. Learning rate follows a linear warm-up then a cosine (``schedule="cosine"``)
     or the authors' exponential decay (``"exponential"``, factor ``gamma`` per iteration). ``zero_fc1``
     starts a new model with its last layers at zero, as the authors do: every cell's first update is "no
-    change" (a model to start from keeps its weights)."""
+    change" (a model to start from keeps its weights). ``artefacts`` is the share of training slices given
+    one MRI artefact (spike, ghosting, motion, thick slices, blur, strong noise or inverted contrast), to
+    make a model hold up on corrupted scans."""
 
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -73,6 +76,7 @@ class Recipe:
     augment: bool = True
     grad_clip: float | None = 1.0
     zero_fc1: bool = False
+    artefacts: float = 0.0
 
     def lr_at(self, iteration: int, total: int) -> float:
         if self.schedule == "exponential":
@@ -356,6 +360,8 @@ def train_iter(
         config, preprocessing = init_model.config, init_model.preprocessing
     if not 1 <= recipe.crop <= min(config.input_size):
         raise MedNCAError(f"the training crop must be 1 to {min(config.input_size)} pixels, not {recipe.crop}")
+    if not 0.0 <= recipe.artefacts <= 1.0:
+        raise MedNCAError(f"the share of slices with artefacts must be 0 to 1, not {recipe.artefacts}")
     if not 1 <= workers <= batch_size:
         raise MedNCAError(f"training needs 1 to batch size ({batch_size}) worker processes, not {workers}")
     prep = preprocessing or Preprocessing()
@@ -468,6 +474,7 @@ def _train_step(
     images, labels = train.images[idx], train.labels[idx].float()
     if recipe.augment:
         images, labels = augment(images, labels, gen)
+    images = add_artefacts(images, recipe.artefacts, gen)
     origins = crop_origins(labels, recipe.crop, recipe.foreground_crops, gen)
     part = slice(None) if share is None else share.part(batch_size)
     logits, _ = crop_forward(model, images, origins, recipe.crop, gen, part)

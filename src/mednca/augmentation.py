@@ -1,0 +1,159 @@
+"""Training augmentation on model-space slices in [0, 1]: appearance changes any scanner makes (``augment``)
+and, at a chosen rate, MRI artefacts (``add_artefacts``).
+
+The artefacts are two-dimensional versions of those of ``mednca.artefacts`` (which corrupts whole scans to
+test models): a model is trained on slices, so each is simulated in the slice's own k-space or plane. A
+3D artefact along the slice axis (ghosts or thick slices across slices) has no 2D version; its in-plane
+form is the nearest. Each chosen slice gets one artefact, all equally likely:
+
+==========  ==========================================================================================
+artefact    on one slice
+==========  ==========================================================================================
+spike       one k-space spike: stripes of a random frequency and direction, amplitude 0.25-1.0 of
+            the slice's mean (what TorchIO's ``RandomSpike`` of intensity 0.25-1.0 gives)
+ghosting    every 4th-6th k-space line along one axis scaled by 1 - (0.5 to 2.0), the centre kept
+motion      k-space filled in 2-4 segments along one axis, each from the slice moved by up to 10
+            degrees and 10 % of its width
+thick       one axis sampled at 1/2 to 1/5 of its pixels and interpolated back (in-plane anisotropy)
+blur        Gaussian blur, std 0.5-4 pixels (2 mm is about 3.5 model pixels in the MSD crops)
+noise       Gaussian noise, std 5-20 % of the intensity range
+inversion   inverted contrast, 1 - x (a T2-like scan given to a T1 model)
+==========  ==========================================================================================
+
+Nothing here draws from the generator unless it is used: a recipe without artefacts trains exactly as
+before they existed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .preprocess import rescale_percentiles
+
+TRAINING_ARTEFACTS = ("spike", "ghosting", "motion", "thick", "blur", "noise", "inversion")
+
+
+def augment(
+    images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random appearance changes a scanner or a protocol could make, on model-space slices in [0, 1]:
+    a left-right flip (slice dimension 0 is left-right in the MSD crops; front and back are never swapped,
+    since they tell the anterior class from the posterior one), gamma, contrast and brightness, a smooth
+    multiplicative bias field, noise. The result is rescaled per slice as preprocessing would."""
+    n = images.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-2), images)
+    labels = torch.where(flip.view(-1, 1, 1, 1), labels.flip(-2), labels)
+    coarse = torch.randn((n, 1, 3, 3), generator=gen) * 0.25
+    field = F.interpolate(coarse, size=images.shape[-2:], mode="bicubic", align_corners=True).exp()
+    gamma = torch.exp(torch.empty((n, 1, 1, 1)).uniform_(-0.4, 0.4, generator=gen))
+    scale = torch.empty((n, 1, 1, 1)).uniform_(0.8, 1.2, generator=gen)
+    shift = torch.empty((n, 1, 1, 1)).uniform_(-0.1, 0.1, generator=gen)
+    noise = torch.randn(images.shape, generator=gen) * torch.empty((n, 1, 1, 1)).uniform_(0, 0.04, generator=gen)
+    x = (images * field).clamp(min=0).pow(gamma) * scale + shift + noise
+    return rescale_percentiles(x, (0.5, 99.5), per_slice=True), labels
+
+
+def add_artefacts(images: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """Give each slice of ``images`` ``[N, 1, H, W]`` one random artefact with probability ``rate``; those
+    slices are rescaled to [0, 1] as preprocessing would, the others are returned unchanged."""
+    if rate <= 0:
+        return images
+    n = images.shape[0]
+    chosen = torch.rand(n, generator=gen) < rate
+    kinds = torch.randint(len(TRAINING_ARTEFACTS), (n,), generator=gen)
+    out = images.clone()
+    for i in chosen.nonzero().flatten().tolist():
+        x = apply_artefact(images[i, 0], TRAINING_ARTEFACTS[int(kinds[i])], gen)
+        out[i, 0] = rescale_percentiles(x[None, None], (0.5, 99.5), per_slice=True)[0, 0]
+    return out
+
+
+def apply_artefact(x: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
+    """One artefact (see the module's table) on one slice ``[H, W]``; not rescaled."""
+    return _ARTEFACTS[name](x, gen)
+
+
+def _uniform(lo: float, hi: float, gen: torch.Generator) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+
+def _spike(x, gen):
+    h, w = x.shape
+    while True:
+        ky, kx = (int(torch.randint(-s // 2, s // 2 + 1, (), generator=gen)) for s in (h, w))
+        if ky or kx:
+            break
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    phase = 2 * math.pi * (ky * yy / h + kx * xx / w) + _uniform(0, 2 * math.pi, gen)
+    return x + _uniform(0.25, 1.0, gen) * x.mean() * torch.cos(phase)
+
+
+def _ghosting(x, gen):
+    axis = int(torch.randint(2, (), generator=gen))
+    every = int(torch.randint(4, 7, (), generator=gen))
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x))
+    centre = x.shape[axis] // 2
+    lines = torch.zeros(x.shape[axis], dtype=torch.bool)
+    lines[::every] = True
+    lines[centre] = False
+    factor = torch.where(lines, 1 - _uniform(0.5, 2.0, gen), 1.0)
+    spectrum = spectrum * (factor[:, None] if axis == 0 else factor[None, :])
+    return torch.fft.ifft2(torch.fft.ifftshift(spectrum)).real
+
+
+def _motion(x, gen):
+    h, w = x.shape
+    axis = int(torch.randint(2, (), generator=gen))
+    segments = int(torch.randint(2, 5, (), generator=gen))
+    cuts = sorted(torch.randperm(x.shape[axis] - 1, generator=gen)[: segments - 1].add(1).tolist())
+    bounds = [0, *cuts, x.shape[axis]]
+    moved = torch.empty(x.shape, dtype=torch.complex64 if x.dtype == torch.float32 else torch.complex128)
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        angle = math.radians(_uniform(-10, 10, gen))
+        shift = [_uniform(-0.2, 0.2, gen) for _ in range(2)]  # affine_grid units: 0.2 is 10% of the width
+        theta = torch.tensor([[math.cos(angle), -math.sin(angle), shift[0]],
+                              [math.sin(angle), math.cos(angle), shift[1]]], dtype=x.dtype)
+        grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
+        view = F.grid_sample(x[None, None], grid, padding_mode="border", align_corners=False)[0, 0]
+        part = torch.fft.fftshift(torch.fft.fft2(view))
+        index = (slice(start, stop), slice(None)) if axis == 0 else (slice(None), slice(start, stop))
+        moved[index] = part[index]
+    return torch.fft.ifft2(torch.fft.ifftshift(moved)).abs()
+
+
+def _thick(x, gen):
+    axis = int(torch.randint(2, (), generator=gen))
+    size = list(x.shape)
+    coarse = max(2, round(size[axis] / _uniform(2.0, 5.0, gen)))
+    down = [coarse if a == axis else s for a, s in enumerate(size)]
+    low = F.interpolate(x[None, None], size=down, mode="area")
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _blur(x, gen):
+    std = _uniform(0.5, 4.0, gen)
+    radius = math.ceil(3 * std)
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps / std) ** 2)
+    kernel = kernel / kernel.sum()
+    y = F.pad(x[None, None], (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
+    return F.conv2d(y, kernel.view(1, 1, -1, 1))[0, 0]
+
+
+def _noise(x, gen):
+    return x + torch.randn(x.shape, generator=gen, dtype=x.dtype) * _uniform(0.05, 0.2, gen)
+
+
+def _inversion(x, gen):
+    return 1.0 - x
+
+
+_ARTEFACTS = {
+    "spike": _spike, "ghosting": _ghosting, "motion": _motion, "thick": _thick, "blur": _blur,
+    "noise": _noise, "inversion": _inversion,
+}
