@@ -23,11 +23,9 @@ import argparse
 import csv
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +35,13 @@ import torch
 
 import mednca
 from mednca.artefacts import ARTEFACTS, CLEAN, parse_artefacts, scan_under
+from mednca.checkpoint import weights_digest
 from mednca.data import data_pairs
 from mednca.evaluation import case_dice, select_cases, spearman
 from mednca.inference import QualityReport, quality_map
 from mednca.model import MedNCA
 from mednca.registry import DEFAULT_MODEL, load_model
+from mednca.staging import staged_file
 from mednca.volume import check_labels, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +49,7 @@ AUTHORS = "authors"
 KEY = ("case", "artefact", "runs", "seed")  # a row is done when these match
 COLUMNS = {
     "model": "the model's label (file name part)",
+    "weights": "the first 16 hex digits of the model's weights digest: a file's rows are all of one model",
     "case": "case id", "artefact": "condition: none (clean) or the artefact",
     "runs": "stochastic runs of the quality map", "seed": "seed of the runs and of the artefact",
     "dice_whole": "Dice of labels > 0 (from the mean probability) against labels > 0",
@@ -132,14 +133,21 @@ def _json_list(values: np.ndarray) -> str:
 
 
 class ResultsFile:
-    """One model's per-case CSV: the rows so far, which keys are done, and whole-file atomic rewrites."""
+    """One model's per-case CSV: the rows so far, which keys are done, and whole-file atomic rewrites. A file
+    holding rows of other weights (a model replaced under the same name) is refused, not resumed: its rows
+    would count as done and mix two models' results. Rows written before the weights column existed carry
+    none and are taken as the model's."""
 
-    def __init__(self, path: Path, header: list[str]):
+    def __init__(self, path: Path, header: list[str], weights: str):
         self.path, self.header = path, header
         self.rows: list[dict] = []
         if path.exists():
             with open(path, newline="") as f:
                 self.rows = list(csv.DictReader(f))
+        other = {r.get("weights") for r in self.rows} - {None, "", weights}
+        if other:
+            raise SystemExit(f"{path} holds results of other weights ({', '.join(sorted(other))}) than this "
+                             f"model's ({weights}): move it away, or give another --results folder")
         self.done = {self.key(r) for r in self.rows}
 
     @staticmethod
@@ -150,16 +158,10 @@ class ResultsFile:
         self.rows.append({k: _text(v) for k, v in row.items()})
         self.done.add(self.key(row))
         header = list(dict.fromkeys(self.header + [c for r in self.rows for c in r]))  # older rows' columns too
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.DictWriter(f, header, restval="", lineterminator="\n")
-                writer.writeheader()
-                writer.writerows(self.rows)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with staged_file(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, header, restval="", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows)
 
 
 def _text(value) -> str:
@@ -262,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     pairs = select_cases(load_model(DEFAULT_MODEL), data_pairs(data), wanted)[: args.limit]
     models = dict(load(name, args.shared) for name in args.models)
     args.results.mkdir(parents=True, exist_ok=True)
-    files = {label: ResultsFile(args.results / f"robustness_{label}.csv", columns_for(m))
+    weights = {label: weights_digest(m.state_dict())[:16] for label, m in models.items()}
+    files = {label: ResultsFile(args.results / f"robustness_{label}.csv", columns_for(m), weights[label])
              for label, m in models.items()}
 
     todo = sum((case, c, str(args.runs), str(args.seed)) not in files[label].done
@@ -289,8 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                 q = quality_map(model, scan, args.runs, seed=args.seed, threads=args.threads)
                 row = case_row(q, labels, model.config.class_names, voxel_mm3)
                 seconds = time.perf_counter() - start
-                files[label].add({"model": label, "case": case, "artefact": cond, "runs": args.runs,
-                                  "seed": args.seed, **row, "seconds": seconds})
+                files[label].add({"model": label, "weights": weights[label], "case": case, "artefact": cond,
+                                  "runs": args.runs, "seed": args.seed, **row, "seconds": seconds})
                 spent, computed = spent + seconds, computed + 1
                 left = (todo - computed) * spent / computed
                 print(f"[{computed}/{todo}] {label} {case} {cond}: Dice {row['dice_whole']:.3f} NQM {row['nqm']:.4f} "
