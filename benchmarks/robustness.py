@@ -173,11 +173,12 @@ def _text(value) -> str:
 # ------------------------------------------------------------------------------------------------ summary
 
 
-def summarise(files: dict[str, ResultsFile], conditions: list[str], runs: int, seed: int) -> dict:
+def summarise(files: dict[str, ResultsFile], conditions: list[str], runs: int, seed: int, cases: set[str]) -> dict:
     """Per model and condition: cases, mean ± std whole Dice, mean change from clean on the same cases,
     mean ± std NQM; per model the NQM/Dice Spearman correlation over all its rows (every condition). Only the
     (case, condition) pairs every model has are counted, so models are compared on identical inputs."""
-    selected = {label: [r for r in results.rows if r["runs"] == str(runs) and r["seed"] == str(seed)]
+    selected = {label: [r for r in results.rows if r["runs"] == str(runs) and r["seed"] == str(seed)
+                        and r["case"] in cases]
                 for label, results in files.items()}
     common = set.intersection(*({(r["case"], r["artefact"]) for r in rows} for rows in selected.values()))
     out = {}
@@ -298,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
                 left = (todo - computed) * spent / computed
                 print(f"[{computed}/{todo}] {label} {case} {cond}: Dice {row['dice_whole']:.3f} NQM {row['nqm']:.4f} "
                       f"{seconds:.0f} s; about {left / 3600:.1f} h left", flush=True)
-        write_summary(files, conditions, args, header)
-    write_summary(files, conditions, args, header)
+        write_summary(files, conditions, args, header, {case for case, _, _ in pairs})
+    write_summary(files, conditions, args, header, {case for case, _, _ in pairs})
     print(f"done: {args.results / 'robustness.txt'}", flush=True)
 
 
@@ -331,8 +332,10 @@ def header_lines(args, n_cases: int, conditions: list[str]) -> list[str]:
     ]
 
 
-def write_summary(files: dict[str, ResultsFile], conditions: list[str], args, header: list[str]) -> None:
-    summary = summarise(files, conditions, args.runs, args.seed)
+def write_summary(files: dict[str, ResultsFile], conditions: list[str], args, header: list[str],
+                  cases: set[str]) -> None:
+    """robustness.txt and .json over ``cases`` only (a file may hold rows of other cases from other runs)."""
+    summary = summarise(files, conditions, args.runs, args.seed, cases)
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = summary_text(summary, conditions, [*header, f"Written {when}."])
     (args.results / "robustness.txt").write_text(text)
