@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import locale
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 # other path.
 os.environ.setdefault("MEDNCA_STEP", "gemm")
 SHARED = Path(os.environ.get("MEDNCA_SHARED", REPO.parent / "shared"))
+# A suite started in the background by a shell without job control (`cmd &` in a script) inherits Ctrl-C
+# ignored, and so would every command the tests start, which then run to the end through the Ctrl-C the
+# tests press. A terminal's Ctrl-C reaches a user's command with its default handling: the tests give theirs
+# the same.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _need(path: Path, what: str) -> Path:
