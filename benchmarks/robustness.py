@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     conditions = [CLEAN, *parse_artefacts(args.artefacts)]
     wanted = "validation" if args.cases == "validation" else [c.strip() for c in args.cases.split(",") if c.strip()]
     pairs = select_cases(load_model(DEFAULT_MODEL), data_pairs(data), wanted)[: args.limit]
+    asked = {case for case, _, _ in pairs}
     models = dict(load(name, args.shared) for name in args.models)
     args.results.mkdir(parents=True, exist_ok=True)
     weights = {label: weights_digest(m.state_dict())[:16] for label, m in models.items()}
@@ -299,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                 left = (todo - computed) * spent / computed
                 print(f"[{computed}/{todo}] {label} {case} {cond}: Dice {row['dice_whole']:.3f} NQM {row['nqm']:.4f} "
                       f"{seconds:.0f} s; about {left / 3600:.1f} h left", flush=True)
-        write_summary(files, conditions, args, header, {case for case, _, _ in pairs})
-    write_summary(files, conditions, args, header, {case for case, _, _ in pairs})
+        write_summary(files, conditions, args, header, asked)
+    write_summary(files, conditions, args, header, asked)
     print(f"done: {args.results / 'robustness.txt'}", flush=True)
 
 
