@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--artefacts", type=float, default=None, help="share of slices given an MRI artefact")
+    parser.add_argument("--thick-across", type=float, default=None, help="share of slices thickened across slices")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--schedule", choices=("cosine", "exponential"), default=None)
     parser.add_argument("--final-lr-fraction", type=float, default=None, help="cosine: end at this share of --lr")
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers > 1 and args.threads != 1:
         parser.error("--workers runs one thread per process: leave --threads at 1")
     changes = {"crop": args.crop, "lr": args.lr, "augment": False if args.no_augment else None,
-               "schedule": args.schedule, "final_lr_fraction": args.final_lr_fraction, "artefacts": args.artefacts}
+               "schedule": args.schedule, "final_lr_fraction": args.final_lr_fraction, "artefacts": args.artefacts,
+               "thick_across": args.thick_across}
     recipe = replace(Recipe(), **{k: v for k, v in changes.items() if v is not None})
     init = None if args.init is None else load_model(args.init)
     state = out / "training_state.safetensors"

@@ -1,11 +1,12 @@
-"""Training augmentation: MRI artefacts on model-space slices, at a chosen share, seeded, and absent unless asked."""
+"""Training augmentation: MRI artefacts on model-space slices and slices thickened across the slice axis, at a
+chosen share, seeded, and absent unless asked."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mednca.augmentation import TRAINING_ARTEFACTS, add_artefacts, apply_artefact
+from mednca.augmentation import TRAINING_ARTEFACTS, add_artefacts, apply_artefact, thicken_across
 from mednca.preprocess import rescale_percentiles
 
 
@@ -52,3 +53,50 @@ def test_each_artefact_corrupts_the_slice_in_its_own_way(name):
         f = torch.fft.fftfreq(x.shape[0]).abs()
         high = ((f[:, None] >= 0.25) | (f[None, :] >= 0.25)).flatten()
         assert fy[high].sum() > 1.5 * fx[high].sum()
+
+
+def stack(cases: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cases of slices ``[n, 1, H, W]`` as one set with the case of each slice; case ids out of order, as a
+    subset of cases numbers them."""
+    ids = [2, 0, 1][: len(cases)]
+    return torch.cat(cases), torch.cat([torch.full((len(c),), i) for c, i in zip(cases, ids, strict=True)])
+
+
+def test_no_thickening_returns_the_slices_and_leaves_the_random_stream_untouched():
+    x, case = stack([slices(n=10), slices(n=10, seed=1)])
+    gen, idx = torch.Generator().manual_seed(1), torch.tensor([0, 5, 12, 19])
+    state = gen.get_state()
+    assert torch.equal(thicken_across(x, case, idx, 0.0, gen), x[idx])
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_a_thickened_slice_interpolates_its_neighbours_linearly():
+    """Where the anatomy changes linearly across slices, linear interpolation from any 2-5 times coarser grid
+    gives back the slice itself: wrong weights or positions would not."""
+    base, change = slices(n=2, seed=4)
+    z = torch.arange(30, dtype=torch.float32).view(-1, 1, 1, 1)
+    x = base + 0.1 * z * change  # slice z of a case whose anatomy moves steadily
+    case = torch.zeros(30, dtype=torch.long)
+    idx = torch.arange(6, 24)  # 6 slices or more from the ends: no clamping
+    out = thicken_across(x, case, idx, 1.0, torch.Generator().manual_seed(5))
+    assert torch.allclose(out, rescale_percentiles(x[idx], (0.5, 99.5), per_slice=True), atol=1e-5)
+
+
+def test_thickening_blends_only_slices_of_the_same_case():
+    """A case whose slices all show one pattern keeps showing it, even at its first and last slice, next to
+    cases of another pattern."""
+    a, b = slices(n=1, seed=6), slices(n=1, seed=7)
+    x, case = stack([b.repeat(8, 1, 1, 1), a.repeat(6, 1, 1, 1), b.repeat(8, 1, 1, 1)])
+    idx = torch.arange(8, 14)  # every slice of the middle case
+    out = thicken_across(x, case, idx, 1.0, torch.Generator().manual_seed(8))
+    assert torch.allclose(out, a.expand(6, -1, -1, -1), atol=1e-5)
+
+
+def test_the_thickened_share_is_seeded_and_changes_distinct_slices():
+    x, case = stack([slices(n=40, seed=9), slices(n=40, seed=10)])
+    idx = torch.randint(80, (200,), generator=torch.Generator().manual_seed(11))
+    out = thicken_across(x, case, idx, 0.3, torch.Generator().manual_seed(12))
+    changed = (out - x[idx]).abs().flatten(1).amax(1) > 1e-4
+    assert 40 <= int(changed.sum()) <= 80
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, thicken_across(x, case, idx, 0.3, torch.Generator().manual_seed(12)))

@@ -373,10 +373,11 @@ def test_cli_train_writes_a_model_that_evaluates_on_its_validation_cases(tiny_mo
 def test_cli_train_recipe_options_reach_the_model(tiny_model, toy_dir, tmp_path, capsys):
     tiny = save_model(tiny_model, tmp_path / "tiny.safetensors")
     base = ["train", str(toy_dir), "--init", str(tiny), "--iterations", "2", "--batch-size", "2"]
-    options = ["--crop", "4", "--no-augment", "--artefacts", "0.3"]
+    options = ["--crop", "4", "--no-augment", "--artefacts", "0.3", "--thick-across", "0.2"]
     assert main([*base, "-o", str(tmp_path / "a.safetensors"), *options]) == 0
     recipe = load_model_file(tmp_path / "a.safetensors").provenance["recipe"]
     assert recipe["crop"] == 4 and recipe["augment"] is False and recipe["artefacts"] == 0.3
+    assert recipe["thick_across"] == 0.2
     assert main([*base, "-o", str(tmp_path / "b.safetensors"), "--crop", "999"]) == 1
     assert "crop must be 1 to" in capsys.readouterr().err
     assert not (tmp_path / "b.safetensors").exists()
@@ -390,13 +391,14 @@ def test_ctrl_c_during_training_writes_no_model_and_says_how_to_resume(toy_dir, 
     monkeypatch.setattr(cli, "train_iter", interrupted)
     out = tmp_path / "m.safetensors"
     args = ["train", str(toy_dir), "-o", str(out), "--iterations", "10", "--seed", "4", "--crop", "8", "--no-augment",
-            "--artefacts", "0.25"]
+            "--artefacts", "0.25", "--thick-across", "0.1"]
     assert main(args) == 130
     err = capsys.readouterr().err
     assert not out.exists()
     assert "interrupted at iteration 2" in err and "holds iteration 2" in err
     assert f"--checkpoint {out.with_suffix('.ckpt')} --resume --iterations 10" in err and "--seed 4" in err
     assert "--crop 8" in err and "--no-augment" in err and "--artefacts 0.25" in err  # else it would be refused
+    assert "--thick-across 0.1" in err
 
 
 def test_training_names_the_classes_as_dataset_json_does(toy_dir, tmp_path):

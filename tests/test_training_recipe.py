@@ -1,5 +1,5 @@
-"""Recipe settings: the authors' zero-initialised last layer, artefacts, and checkpoints saved before a setting
-existed."""
+"""Recipe settings: the authors' zero-initialised last layer, artefacts, thickened slices, and checkpoints saved
+before a setting existed."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_a_checkpoint_from_before_a_recipe_setting_resumes(toy, tmp_path):
     with safe_open(str(ckpt), framework="pt") as f:
         meta = json.loads(f.metadata()["mednca_training"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    for added in ("zero_fc1", "artefacts"):
+    for added in ("zero_fc1", "artefacts", "thick_across"):
         del meta["setup"]["recipe"][added]
     save_file(tensors, ckpt, metadata={"mednca_training": json.dumps(meta)})
     resumed = train(toy, **args, checkpoint_path=ckpt, resume=True)
@@ -61,10 +61,11 @@ def test_a_checkpoint_from_before_a_recipe_setting_resumes(toy, tmp_path):
     assert same(weights(resumed), weights(straight))
 
 
-def test_artefacts_change_the_training_and_a_share_outside_0_to_1_is_refused(toy):
+@pytest.mark.parametrize(("setting", "message"), [("artefacts", "artefacts"), ("thick_across", "thickened slices")])
+def test_corrupting_a_share_changes_the_training_and_a_share_outside_0_to_1_is_refused(toy, setting, message):
     plain = train(toy, **short(iterations=3))
-    corrupted = train(toy, **short(iterations=3, recipe=Recipe(artefacts=0.9)))
-    assert corrupted.provenance["recipe"]["artefacts"] == 0.9
+    corrupted = train(toy, **short(iterations=3, recipe=Recipe(**{setting: 0.9})))
+    assert corrupted.provenance["recipe"][setting] == 0.9
     assert not same(weights(plain), weights(corrupted))
-    with pytest.raises(MedNCAError, match="artefacts must be 0 to 1"):
-        train(toy, **short(recipe=Recipe(artefacts=1.5)))
+    with pytest.raises(MedNCAError, match=f"{message} must be 0 to 1"):
+        train(toy, **short(recipe=Recipe(**{setting: 1.5})))

@@ -6,7 +6,8 @@ sixteenth of a full forward pass; the loss is BCE + (1 - soft Dice) on the level
 learn end to end. ``Recipe()`` keeps that and converges faster on a CPU: most crops are centred near the
 structure (a random crop of a 64x64 slice mostly shows background), warm-up then cosine learning rate,
 clipped gradients, and augmentation (flips, gamma, contrast, smooth bias field, noise), with MRI artefacts
-on a share of the slices where ``artefacts`` > 0 (``mednca.augmentation``). ``AUTHORS_RECIPE`` is the
+on a share of the slices where ``artefacts`` > 0, and thicker slices where ``thick_across`` > 0
+(``mednca.augmentation``). ``AUTHORS_RECIPE`` is the
 plain recipe, for comparison.
 
 All randomness (initial weights, batches, crops, augmentation, firing cells) comes from ``seed``, so the
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .augmentation import add_artefacts, augment
+from .augmentation import add_artefacts, augment, thicken_across
 from .checkpoint import save_model
 from .data import (
     Case,
@@ -63,7 +64,8 @@ class Recipe:
     starts a new model with its last layers at zero, as the authors do: every cell's first update is "no
     change" (a model to start from keeps its weights). ``artefacts`` is the share of training slices given
     one MRI artefact (spike, ghosting, motion, thick slices, blur, strong noise or inverted contrast), to
-    make a model hold up on corrupted scans."""
+    make a model hold up on corrupted scans; ``thick_across`` the share replaced by what a scan of 2-5 times
+    the slice spacing shows there (a blend of the slices around: ``augmentation.thicken_across``)."""
 
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -77,6 +79,7 @@ class Recipe:
     grad_clip: float | None = 1.0
     zero_fc1: bool = False
     artefacts: float = 0.0
+    thick_across: float = 0.0
 
     def lr_at(self, iteration: int, total: int) -> float:
         if self.schedule == "exponential":
@@ -362,6 +365,8 @@ def train_iter(
         raise MedNCAError(f"the training crop must be 1 to {min(config.input_size)} pixels, not {recipe.crop}")
     if not 0.0 <= recipe.artefacts <= 1.0:
         raise MedNCAError(f"the share of slices with artefacts must be 0 to 1, not {recipe.artefacts}")
+    if not 0.0 <= recipe.thick_across <= 1.0:
+        raise MedNCAError(f"the share of thickened slices must be 0 to 1, not {recipe.thick_across}")
     if not 1 <= workers <= batch_size:
         raise MedNCAError(f"training needs 1 to batch size ({batch_size}) worker processes, not {workers}")
     prep = preprocessing or Preprocessing()
@@ -471,7 +476,8 @@ def _train_step(
     """One optimiser step on a random batch; returns its loss. With ``share``, this process draws the whole
     batch (as every process does, so their generators stay in step) and computes its part of it."""
     idx = torch.randint(len(train), (batch_size,), generator=gen)
-    images, labels = train.images[idx], train.labels[idx].float()
+    images = thicken_across(train.images, train.case_index, idx, recipe.thick_across, gen)
+    labels = train.labels[idx].float()
     if recipe.augment:
         images, labels = augment(images, labels, gen)
     images = add_artefacts(images, recipe.artefacts, gen)
