@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from training_support import TINY, same, toy_case, weights
 
+from mednca.checkpoint import load_model_file
 from mednca.errors import MedNCAError
 from mednca.model import MedNCA
 from mednca.training import AUTHORS_RECIPE, Recipe, train, train_iter
@@ -69,3 +70,24 @@ def test_corrupting_a_share_changes_the_training_and_a_share_outside_0_to_1_is_r
     assert not same(weights(plain), weights(corrupted))
     with pytest.raises(MedNCAError, match=f"{message} must be 0 to 1"):
         train(toy, **short(recipe=Recipe(**{setting: 1.5})))
+
+
+def test_the_final_model_records_its_own_validation_dice_not_the_best_checkpoints(toy, tmp_path):
+    """The best checkpoint is saved as training goes; the model returned at the end holds the final weights,
+    so its file must state their Dice, else a user reads the best's figure on weights that did worse."""
+    best_path = tmp_path / "best.safetensors"
+    args = short(recipe=Recipe(lr=5e-2, warmup=1), iterations=8, eval_every=1, seed=3)
+    gen = train_iter(toy, **args, best_path=best_path)
+    evals = []
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            final = stop.value
+            break
+        if event.kind == "eval":
+            evals.append({k: round(v, 4) for k, v in event.val_dice.items()})
+    wholes = [d["whole"] for d in evals]
+    assert max(wholes) > wholes[-1]  # the case this test is about: the best came before the end
+    assert final.provenance["validation_dice_model_space"] == evals[-1]
+    assert load_model_file(best_path).provenance["validation_dice_model_space"]["whole"] == max(wholes)

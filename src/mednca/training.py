@@ -407,6 +407,7 @@ def train_iter(
         })
     t0 = time.perf_counter() - spent
     running, n_running = 0.0, 0
+    final_dice = None  # the probe's Dice of the final weights, when the last iteration was evaluated here
     try:
         for it in range(start, iterations):
             _set_lr(opt, recipe, it, iterations)
@@ -421,6 +422,7 @@ def train_iter(
                 model.eval()
                 dice = validation_dice(model, probe, seed)
                 model.train()
+                final_dice = dice if done == iterations else None
                 if best_path is not None and dice["whole"] > best:
                     best = dice["whole"]
                     _stamp(model, setup, done, time.perf_counter() - t0, dice, workers)
@@ -433,7 +435,9 @@ def train_iter(
         if pool is not None:
             pool.stop()
     model.eval()
-    _stamp(model, setup, iterations, time.perf_counter() - t0, None, workers)
+    for key in MEASURED_DICE:  # a best checkpoint's (or the starting model's) Dice is not these weights'
+        model.provenance.pop(key, None)
+    _stamp(model, setup, iterations, time.perf_counter() - t0, final_dice, workers)
     yield TrainEvent(iterations, iterations, None, time.perf_counter() - t0, "done")
     return model
 
