@@ -7,8 +7,7 @@ learn end to end. ``Recipe()`` keeps that and converges faster on a CPU: most cr
 structure (a random crop of a 64x64 slice mostly shows background), warm-up then cosine learning rate,
 clipped gradients, and augmentation (flips, gamma, contrast, smooth bias field, noise), with MRI artefacts
 on a share of the slices where ``artefacts`` > 0, and thicker slices where ``thick_across`` > 0
-(``mednca.augmentation``). ``AUTHORS_RECIPE`` is the
-plain recipe, for comparison.
+(``mednca.augmentation``). ``AUTHORS_RECIPE`` is the plain recipe, for comparison.
 
 All randomness (initial weights, batches, crops, augmentation, firing cells) comes from ``seed``, so the
 same seed gives the same weights. The loop is a generator: the caller sees progress and cancels by no
