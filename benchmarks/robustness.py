@@ -200,6 +200,24 @@ def summarise(files: dict[str, ResultsFile], conditions: list[str], runs: int, s
         dice = np.array([float(r["dice_whole"]) for r in rows])
         nqm = np.array([float(r["nqm"]) for r in rows])
         out[label] = {"conditions": per, "rows": len(rows), "spearman_nqm_dice_all": _finite(spearman(nqm, dice))}
+    first, *others = selected
+    for label in others:
+        out[label]["paired_with"] = {"model": first, "conditions": paired(selected[label], selected[first], common)}
+    return out
+
+
+def paired(rows: list[dict], baseline: list[dict], common: set) -> dict:
+    """Per condition, this model's whole Dice minus the baseline's on the same cases: mean, its standard error
+    and how many cases improved. A model differs from another by less than the spread of Dice across cases, so
+    whether it is better is read from the differences case by case, not from two means."""
+    ours = {(r["case"], r["artefact"]): float(r["dice_whole"]) for r in rows}
+    theirs = {(r["case"], r["artefact"]): float(r["dice_whole"]) for r in baseline}
+    out = {}
+    for cond in sorted({c for _, c in common}):
+        diff = np.array([ours[k] - theirs[k] for k in sorted(common) if k[1] == cond])
+        se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else None
+        out[cond] = {"cases": int(diff.size), "diff_mean": float(diff.mean()), "diff_se": se,
+                     "better": int((diff > 0).sum())}
     return out
 
 
@@ -223,9 +241,29 @@ def summary_text(summary: dict, conditions: list[str], header: list[str]) -> str
         table.append(cells)
     rho = ["Spearman(NQM, Dice), all rows"] + [_rho(summary[label]["spearman_nqm_dice_all"]) for label in labels]
     table.append(rho)
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
-    return "\n".join([*header, "", *lines, ""])
+    return "\n".join([*header, "", *_aligned(table), *paired_text(summary, conditions), ""])
+
+
+def paired_text(summary: dict, conditions: list[str]) -> list[str]:
+    """The paired differences against the first model, one table, or nothing for a single model."""
+    others = [label for label in summary if "paired_with" in summary[label]]
+    if not others:
+        return []
+    first = summary[others[0]]["paired_with"]["model"]
+    table = [["condition"] + [f"{label} - {first}: mean ± se (cases better)" for label in others]]
+    for cond in conditions:
+        cells = [cond]
+        for label in others:
+            d = summary[label]["paired_with"]["conditions"].get(cond)
+            se = "" if d is None or d["diff_se"] is None else f" ± {d['diff_se']:.4f}"
+            cells.append("-" if d is None else f"{d['diff_mean']:+.4f}{se} ({d['better']} of {d['cases']})")
+        table.append(cells)
+    return ["", f"Whole Dice paired by case against {first}:", "", *_aligned(table)]
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
 
 
 def _rho(value) -> str:
