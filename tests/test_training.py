@@ -11,6 +11,7 @@ from training_support import TINY, same, toy_case, weights
 from mednca.data import build_slices, load_cases, split_cases
 from mednca.errors import MedNCAError
 from mednca.model import MedNCA
+from mednca.progress import run_to_end
 from mednca.training import Recipe, train, train_iter
 from mednca.volume import write_volume
 
@@ -81,11 +82,7 @@ def test_resume_continues_where_the_checkpoint_stopped(toy, tmp_path):
     assert event.iteration == 4 and ckpt.exists()
     resumed_events = []
     gen = run(toy, iterations=10, checkpoint_path=ckpt, checkpoint_every=4, resume=True)
-    try:
-        while True:
-            resumed_events.append(next(gen))
-    except StopIteration as stop:
-        resumed = stop.value
+    resumed = run_to_end(gen, resumed_events.append)
     assert resumed_events[0].iteration == 5
     assert same(weights(straight), weights(resumed))
 

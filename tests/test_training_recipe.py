@@ -13,6 +13,7 @@ from training_support import TINY, same, toy_case, weights
 from mednca.checkpoint import load_model_file
 from mednca.errors import MedNCAError
 from mednca.model import MedNCA
+from mednca.progress import run_to_end
 from mednca.training import AUTHORS_RECIPE, Recipe, train, train_iter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,16 +78,9 @@ def test_the_final_model_records_its_own_validation_dice_not_the_best_checkpoint
     so its file must state their Dice, else a user reads the best's figure on weights that did worse."""
     best_path = tmp_path / "best.safetensors"
     args = short(recipe=Recipe(lr=5e-2, warmup=1), iterations=8, eval_every=1, seed=3)
-    gen = train_iter(toy, **args, best_path=best_path)
-    evals = []
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            final = stop.value
-            break
-        if event.kind == "eval":
-            evals.append({k: round(v, 4) for k, v in event.val_dice.items()})
+    events = []
+    final = run_to_end(train_iter(toy, **args, best_path=best_path), events.append)
+    evals = [{k: round(v, 4) for k, v in e.val_dice.items()} for e in events if e.kind == "eval"]
     wholes = [d["whole"] for d in evals]
     assert max(wholes) > wholes[-1]  # the case this test is about: the best came before the end
     assert final.provenance["validation_dice_model_space"] == evals[-1]

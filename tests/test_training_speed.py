@@ -23,6 +23,7 @@ from mednca.data_parallel import WORKER_NAME, BatchShare
 from mednca.errors import MedNCAError
 from mednca.model import MedNCA, NCAConfig
 from mednca.preprocess import Preprocessing
+from mednca.progress import run_to_end
 from mednca.training import (
     HIPPOCAMPUS,
     Recipe,
@@ -174,11 +175,8 @@ def run(toy, **kw):
 
 def finish(gen):
     events = []
-    try:
-        while True:
-            events.append(next(gen))
-    except StopIteration as stop:
-        return events, stop.value
+    result = run_to_end(gen, events.append)
+    return events, result
 
 
 @pytest.fixture(scope="module")
