@@ -71,3 +71,22 @@ def one_thread():
 
     with torch_threads(1):
         yield
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """A tiny one-class model file (tests/cli_support.py); a module may override it with other classes."""
+    from cli_support import tiny_model_file
+
+    return tiny_model_file(tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def scans(tmp_path):
+    """A folder of two small synthetic scans, a.nii.gz and b.nii.gz."""
+    from cli_support import write_scan
+
+    folder = tmp_path / "scans"
+    for seed, name in enumerate(("a", "b")):
+        write_scan(folder / f"{name}.nii.gz", seed)
+    return folder

@@ -8,23 +8,10 @@ import argparse
 import nibabel as nib
 import numpy as np
 import pytest
-from cli_support import AFFINE, SHAPE, tiny_model_file, write_scan
+from cli_support import AFFINE, SHAPE
 
 from mednca import cli, threads
 from mednca.cli import build_parser, main
-
-
-@pytest.fixture
-def model_file(tmp_path):
-    return tiny_model_file(tmp_path / "tiny.safetensors")
-
-
-@pytest.fixture
-def scans(tmp_path):
-    folder = tmp_path / "scans"
-    for seed, name in enumerate(("a", "b")):
-        write_scan(folder / f"{name}.nii.gz", seed)
-    return folder
 
 
 def test_segment_a_folder_writes_one_label_file_per_scan(model_file, scans, tmp_path, capsys, one_thread):

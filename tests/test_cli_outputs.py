@@ -14,23 +14,10 @@ import tempfile
 import nibabel as nib
 import numpy as np
 import pytest
-from cli_support import AFFINE, SHAPE, tiny_model_file, write_scan
+from cli_support import AFFINE, SHAPE, write_scan
 
 from mednca import cli, staging, volume
 from mednca.cli import main
-
-
-@pytest.fixture
-def model_file(tmp_path):
-    return tiny_model_file(tmp_path / "tiny.safetensors")
-
-
-@pytest.fixture
-def scans(tmp_path):
-    folder = tmp_path / "scans"
-    for seed, name in enumerate(("a", "b")):
-        write_scan(folder / f"{name}.nii.gz", seed)
-    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -21,14 +21,6 @@ def model_file(tmp_path):
     return tiny_model_file(tmp_path / "tiny.safetensors", classes=("anterior", "posterior"))
 
 
-@pytest.fixture
-def scans(tmp_path):
-    folder = tmp_path / "scans"
-    for seed, name in enumerate(("a", "b")):
-        write_scan(folder / f"{name}.nii.gz", seed)
-    return folder
-
-
 def read_rows(path):
     with open(path, newline="") as f:
         return {row["scan"].rsplit("/", 1)[-1]: row for row in csv.DictReader(f)}
