@@ -31,11 +31,6 @@ WAIT = 600  # seconds: generous, for a loaded 2-core machine; a hang fails inste
 
 
 @pytest.fixture
-def model_file(tmp_path):
-    return tiny_model_file(tmp_path / "tiny.safetensors")
-
-
-@pytest.fixture
 def scans(tmp_path):
     """Small synthetic scans and a corrupt one."""
     folder = tmp_path / "scans"
