@@ -14,6 +14,10 @@ benchmark runs on the others by default, which nothing was tuned on.
     python benchmarks/finetune.py [--cases N | --cases ID,ID] [--conditions none,motion] [--slices 4]
                                   [--threads 1] [--set lr=3e-4 --set iterations=40] [--json out.json]
     python benchmarks/finetune.py --summarize part1.json part2.json   # several runs' rows, one summary
+    python benchmarks/finetune.py --summarize rows.json --current-advice  # earlier rows, today's advice
+
+The advice is a function of the estimates each row stores (``mednca.finetuning.advise``), so a change of the
+advice alone is measured on earlier rows with ``--current-advice``, without fine-tuning again.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mednca.artefacts import CLEAN, scan_under
-from mednca.finetuning import FINETUNE, annotated_slices, finetune
+from mednca.finetuning import FINETUNE, advise, annotated_slices, finetune
 from mednca.inference import segment, slice_axis, torch_threads
 from mednca.registry import load_model
 from mednca.volume import read_volume
@@ -148,6 +152,12 @@ def summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def readvised(row: dict) -> dict:
+    """``row`` with its recommendation and the model kept as the current ``FINETUNE`` advice decides."""
+    recommended, _ = advise(row["estimate_before"], row["estimate_after"], row["held_out"], row["painted_after"])
+    return {**row, "recommended": recommended, "advised": row["after"] if recommended else row["before"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="hippocampus")
@@ -162,10 +172,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="JSON",
                         help="only print the rows and summary of earlier runs' --json files, together")
+    parser.add_argument("--current-advice", action="store_true",
+                        help="with --summarize: advise on the stored rows' estimates as the engine now does")
     args = parser.parse_args()
 
     if args.summarize:
         rows = [row for path in args.summarize for row in json.loads(path.read_text())]
+        if args.current_advice:
+            rows = list(map(readvised, rows))
+            print(f"advice as the engine now gives it: {asdict(FINETUNE)}")
         print(line(COLUMNS))
         print("\n".join([*map(row_text, rows), "", *summary(rows)]))
         return

@@ -11,7 +11,7 @@ import pytest
 from training_support import TINY, same, toy_case, weights
 
 from mednca.errors import MedNCAError, VolumeError
-from mednca.finetuning import FINETUNE, finetune, finetune_iter
+from mednca.finetuning import FINETUNE, advise, finetune, finetune_iter
 from mednca.model import MedNCA
 from mednca.registry import ModelEntry
 from mednca.training import Recipe, native_dice, new_model, train
@@ -87,6 +87,19 @@ def test_a_fine_tune_that_makes_the_other_slices_worse_is_not_recommended(traine
     assert not report.recommended
     assert report.advice.startswith("the adapted model is not expected to be better")
     assert report.advice.endswith("keep the current model")
+
+
+def test_a_base_model_that_did_poorly_on_the_painted_slices_is_replaced_even_against_a_pessimistic_estimate():
+    # a development run under motion: the cross-validation said the adapted model would lose (0.591 against
+    # 0.689), and it gained 0.059 on the unpainted slices
+    recommended, advice = advise(0.689, 0.591, 0.473, learned=0.85)
+    assert recommended and advice.endswith("use the adapted model")
+    assert "does poorly on the slices you painted (Dice 0.689" in advice
+    # the same estimates from a base that did well on the painted slices: the estimate decides
+    recommended, advice = advise(0.889, 0.791, 0.673, learned=0.95)
+    assert not recommended and advice.endswith("keep the current model")
+    # an adapted model that did not even learn the painted slices is no improvement, however poor the base
+    assert not advise(0.689, 0.591, 0.473, learned=0.60)[0]
 
 
 def test_one_annotated_slice_gives_no_estimate_and_no_recommendation(model):
