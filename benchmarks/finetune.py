@@ -8,8 +8,9 @@ Reported, per case: whole-hippocampus Dice on the slices that were NOT annotated
 adapted one; the engine's estimates of those two numbers; whether it recommended the adapted model; the
 Dice of the model the user ends up with when following that advice; and the time the fine-tune took.
 
-The method and its estimate were chosen on the first ``DEV_CASES`` validation cases (two rounds of six); the
-benchmark runs on the others by default, which nothing was tuned on.
+The method and its estimate were chosen on the first ``DEV_CASES`` validation cases (two rounds of six), and
+the advice again on the same cases with the stage-6 default as base (``results/finetune_development.json``);
+the benchmark runs on the others by default, which nothing was tuned on.
 
     python benchmarks/finetune.py [--cases N | --cases ID,ID] [--conditions none,motion] [--slices 4]
                                   [--threads 1] [--set lr=3e-4 --set iterations=40] [--json out.json]
