@@ -1,12 +1,12 @@
-"""Training augmentation: MRI artefacts on model-space slices and slices thickened across the slice axis, at a
-chosen share, seeded, and absent unless asked."""
+"""Training augmentation: MRI artefacts on model-space slices, slices thickened across the slice axis, and new
+shapes and poses, at a chosen share, seeded, and absent unless asked."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mednca.augmentation import TRAINING_ARTEFACTS, add_artefacts, apply_artefact, thicken_across
+from mednca.augmentation import TRAINING_ARTEFACTS, add_artefacts, apply_artefact, deform, thicken_across
 from mednca.preprocess import rescale_percentiles
 
 
@@ -100,3 +100,36 @@ def test_the_thickened_share_is_seeded_and_changes_distinct_slices():
     assert 40 <= int(changed.sum()) <= 80
     assert out.min() >= 0 and out.max() <= 1
     assert torch.equal(out, thicken_across(x, case, idx, 0.3, torch.Generator().manual_seed(12)))
+
+
+def disc_labels(n=40, size=32) -> torch.Tensor:
+    """Two-class masks ``[N, 2, H, W]``: the left and right halves of an off-centre disc."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = (yy - 12) ** 2 + (xx - 15) ** 2 < 36
+    left, right = disc & (xx < 15), disc & (xx >= 15)
+    return torch.stack((left, right)).expand(n, 2, size, size).to(torch.uint8).clone()
+
+
+def test_no_deformation_leaves_slices_labels_and_random_stream_untouched():
+    x, lab, gen = slices(), disc_labels(8), torch.Generator().manual_seed(1)
+    state = gen.get_state()
+    out, out_lab = deform(x, lab, 0.0, gen)
+    assert out is x and out_lab is lab
+    assert torch.equal(gen.get_state(), state)  # a recipe without it trains as before it existed
+
+
+def test_a_deformed_slice_keeps_its_labels_on_the_structure_they_mark():
+    lab = disc_labels()
+    image = lab.float().sum(1, keepdim=True)  # the structure is bright where its labels are
+    out, out_lab = deform(image, lab, 0.5, torch.Generator().manual_seed(3))
+    moved = (out_lab != lab).flatten(1).any(1)
+    assert 10 <= int(moved.sum()) <= 30  # about half of the 40 slices
+    assert torch.equal(out[~moved], image[~moved]) and torch.equal(out_lab[~moved], lab[~moved])
+    assert out_lab.dtype == lab.dtype and set(out_lab.unique().tolist()) <= {0, 1}
+    assert not (out_lab[:, 0].bool() & out_lab[:, 1].bool()).any()  # still one class per pixel
+    mask = out_lab.bool().any(1)
+    assert (out[:, 0][mask] > 0.5).float().mean() > 0.97  # labels still sit on the bright structure
+    assert (out[:, 0][~mask] < 0.5).float().mean() > 0.99
+    area = lab.bool().any(1).flatten(1).sum(1).float()
+    ratio = mask.flatten(1).sum(1).float() / area
+    assert ((ratio > 0.75) & (ratio < 1.3)).all()  # up to 10 % per axis: the structure keeps about its size

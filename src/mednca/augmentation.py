@@ -1,5 +1,5 @@
 """Training augmentation on model-space slices in [0, 1]: appearance changes any scanner makes (``augment``)
-and, at a chosen rate, MRI artefacts (``add_artefacts``).
+and, at chosen rates, changes of shape and pose (``deform``) and MRI artefacts (``add_artefacts``).
 
 The artefacts are two-dimensional versions of those of ``mednca.artefacts`` (which corrupts whole scans to
 test models): a model is trained on slices, so each is simulated in the slice's own k-space or plane. A
@@ -59,6 +59,38 @@ def augment(
     noise = torch.randn(images.shape, generator=gen) * torch.empty((n, 1, 1, 1)).uniform_(0, 0.04, generator=gen)
     x = (images * field).clamp(min=0).pow(gamma) * scale + shift + noise
     return rescale_percentiles(x, (0.5, 99.5), per_slice=True), labels
+
+
+def deform(
+    images: torch.Tensor, labels: torch.Tensor, rate: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each slice, with probability ``rate``, a random in-plane rotation (up to 15 degrees), a scale
+    of 0.9-1.1 along each axis and a shift of up to 5 % of the width, the same for its labels: hippocampi
+    differ in shape, pose and size, and the MSD crops around them in aspect ratio, more than flips show.
+    Labels ``[N, K, H, W]`` are resampled linearly with the background as one more class and each pixel takes
+    the largest, so they stay masks and two classes that meet leave no gap between them; both use
+    reflection at the edges so image and labels stay aligned there too."""
+    if rate <= 0:
+        return images, labels
+    n = images.shape[0]
+    chosen = (torch.rand(n, generator=gen) < rate).nonzero().flatten()
+    if chosen.numel() == 0:
+        return images, labels
+    m = chosen.numel()
+    angle = torch.empty(m).uniform_(-math.pi / 12, math.pi / 12, generator=gen)
+    scale = torch.exp(torch.empty((m, 2)).uniform_(math.log(0.9), math.log(1.1), generator=gen))
+    shift = torch.empty((m, 2)).uniform_(-0.1, 0.1, generator=gen)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack((torch.stack((cos / scale[:, 0], -sin / scale[:, 0], shift[:, 0]), 1),
+                         torch.stack((sin / scale[:, 1], cos / scale[:, 1], shift[:, 1]), 1)), 1)
+    grid = F.affine_grid(theta, [m, 1, *images.shape[-2:]], align_corners=False)
+    images, labels = images.clone(), labels.clone()
+    images[chosen] = F.grid_sample(images[chosen], grid, padding_mode="reflection", align_corners=False)
+    one_hot = labels[chosen].float()
+    one_hot = torch.cat((1 - one_hot.sum(1, keepdim=True).clamp(max=1), one_hot), 1)  # background first
+    moved = F.grid_sample(one_hot, grid, padding_mode="reflection", align_corners=False).argmax(1, keepdim=True)
+    labels[chosen] = (moved == torch.arange(1, labels.shape[1] + 1).view(1, -1, 1, 1)).to(labels.dtype)
+    return images, labels
 
 
 def thicken_across(

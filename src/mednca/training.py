@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .augmentation import add_artefacts, augment, thicken_across
+from .augmentation import add_artefacts, augment, deform, thicken_across
 from .checkpoint import save_model
 from .data import (
     Case,
@@ -64,7 +64,8 @@ class Recipe:
     change" (a model to start from keeps its weights). ``artefacts`` is the share of training slices given
     one MRI artefact (spike, ghosting, motion, thick slices, blur, strong noise or inverted contrast), to
     make a model hold up on corrupted scans; ``thick_across`` the share replaced by what a scan of 2-5 times
-    the slice spacing shows there (a blend of the slices around: ``augmentation.thicken_across``)."""
+    the slice spacing shows there (a blend of the slices around: ``augmentation.thicken_across``); ``spatial``
+    the share given a random rotation, scale and shift (``augmentation.deform``)."""
 
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -79,6 +80,7 @@ class Recipe:
     zero_fc1: bool = False
     artefacts: float = 0.0
     thick_across: float = 0.0
+    spatial: float = 0.0
 
     def lr_at(self, iteration: int, total: int) -> float:
         if self.schedule == "exponential":
@@ -366,6 +368,8 @@ def train_iter(
         raise MedNCAError(f"the share of slices with artefacts must be 0 to 1, not {recipe.artefacts}")
     if not 0.0 <= recipe.thick_across <= 1.0:
         raise MedNCAError(f"the share of thickened slices must be 0 to 1, not {recipe.thick_across}")
+    if not 0.0 <= recipe.spatial <= 1.0:
+        raise MedNCAError(f"the share of slices given a new shape or pose must be 0 to 1, not {recipe.spatial}")
     if not 1 <= workers <= batch_size:
         raise MedNCAError(f"training needs 1 to batch size ({batch_size}) worker processes, not {workers}")
     prep = preprocessing or Preprocessing()
@@ -483,6 +487,7 @@ def _train_step(
     labels = train.labels[idx].float()
     if recipe.augment:
         images, labels = augment(images, labels, gen)
+    images, labels = deform(images, labels, recipe.spatial, gen)
     images = add_artefacts(images, recipe.artefacts, gen)
     origins = crop_origins(labels, recipe.crop, recipe.foreground_crops, gen)
     part = slice(None) if share is None else share.part(batch_size)
