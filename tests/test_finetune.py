@@ -56,6 +56,9 @@ def test_finetune_learns_the_annotated_slices_in_a_new_model(model):
     assert not same(before, weights(tuned))
     assert report.slices == [1, 4] and len(report.losses) == 60
     assert report.dice_after["whole"] > report.dice_before["whole"] + 0.2
+    # what the advice compares with the base's pooled Dice there is pooled over as many runs
+    assert report.learned_dice > report.estimate_before + 0.2
+    assert tuned.provenance["finetune"]["learned_dice"] == round(report.learned_dice, 4)
     assert tuned.provenance["finetune"]["slices"] == [1, 4]
     assert "finetuned_from" in tuned.provenance and "finetune" not in model.provenance
 
@@ -84,6 +87,7 @@ def test_a_fine_tune_that_makes_the_other_slices_worse_is_not_recommended(traine
     truth_after = native_dice(tuned, image.array[..., others], labels.array[..., others])["whole"]
     assert truth_after < truth_before - 0.2
     assert report.estimate_after < report.estimate_before - 0.2
+    assert report.learned_dice < report.estimate_before  # it did not even learn the painted slices
     assert not report.recommended
     assert report.advice.startswith("the adapted model is not expected to be better")
     assert report.advice.endswith("keep the current model")

@@ -108,11 +108,13 @@ class FinetuneReport:
     NOT annotated: for the base model, its Dice on the annotated slices (which it never trained on); for the
     adapted one, the estimate ``FinetuneSettings`` describes (None with a single annotated slice).
     ``held_out_dice`` is the cross-validation's part of it: the Dice on annotated slices of models trained
-    without them. ``recommended`` is True when the adapted model is expected to be better, and ``advice``
-    says in one line what to do. ``dice_before`` and ``dice_after`` (per class, plus "whole") are measured
-    on the annotated slices themselves, which the adapted model trained on: they show that it learned them,
-    not that it is better elsewhere. ``slices`` are indices along the scan axis the model slices; ``losses``
-    the training loss at each iteration of the adapted model.
+    without them. ``learned_dice`` is the adapted model's on the annotated slices, pooled over the same runs
+    as ``estimate_before``, so the two compare on one basis. ``recommended`` is True when the adapted model
+    is expected to be better, and ``advice`` says in one line what to do. ``dice_before`` and ``dice_after``
+    (per class, plus "whole", one run) are measured on the annotated slices themselves, which the adapted
+    model trained on: they show that it learned them, not that it is better elsewhere. ``slices`` are
+    indices along the scan axis the model slices; ``losses`` the training loss at each iteration of the
+    adapted model.
     """
 
     slices: list[int]
@@ -124,6 +126,7 @@ class FinetuneReport:
     estimate_before: float
     estimate_after: float | None
     held_out_dice: float | None
+    learned_dice: float
     recommended: bool
     advice: str
 
@@ -170,11 +173,11 @@ def finetune_iter(
     after = native_dice(tuned, image, target, seed)
     held_out = yield from _cross_validate(model, image, target, inputs, onehot, settings, seed, t0)
     estimate_before = _dice(_overlap(model, image, target, seed, settings.runs))
+    learned = _dice(_overlap(tuned, image, target, seed, settings.runs))
     estimate = None
     if held_out is not None:
-        lead = _dice(_overlap(tuned, image, target, seed, settings.runs)) - held_out
-        estimate = held_out + settings.carry * _proximity(chosen, n) * lead
-    recommended, advice = advise(estimate_before, estimate, held_out, after["whole"], settings)
+        estimate = held_out + settings.carry * _proximity(chosen, n) * (learned - held_out)
+    recommended, advice = advise(estimate_before, estimate, held_out, learned, settings)
     tuned.provenance = {  # the base's held-out Dice was measured on other weights: not carried over
         **{k: v for k, v in model.provenance.items() if k not in MEASURED_DICE},
         "finetuned_from": {k: model.provenance.get(k) for k in ("source", "iterations", "finetuned_from")},
@@ -185,11 +188,11 @@ def finetune_iter(
             "estimate_before": round(estimate_before, 4),
             "estimate_after": None if estimate is None else round(estimate, 4),
             "held_out_dice": None if held_out is None else round(held_out, 4),
-            "recommended": recommended,
+            "learned_dice": round(learned, 4), "recommended": recommended,
         },
     }
     report = FinetuneReport(chosen, settings.iterations, losses, time.perf_counter() - t0, before, after,
-                            estimate_before, estimate, held_out, recommended, advice)
+                            estimate_before, estimate, held_out, learned, recommended, advice)
     yield TrainEvent(settings.iterations, settings.iterations, None, report.seconds, "done")
     return tuned, report
 
@@ -326,7 +329,8 @@ def advise(before: float, after: float | None, held_out: float | None, learned: 
            settings: FinetuneSettings = FINETUNE) -> tuple[bool, str]:
     """Whether to use the adapted model, and why, in one line: ``before`` and ``after`` are the estimates of
     Dice on the unpainted slices (``FinetuneReport.estimate_before`` and ``estimate_after``), ``held_out``
-    the cross-validation's Dice, ``learned`` the adapted model's Dice on the painted slices."""
+    the cross-validation's Dice, ``learned`` the adapted model's Dice on the painted slices (pooled over
+    runs as ``before`` is: ``FinetuneReport.learned_dice``)."""
     if after is None or held_out is None:
         return False, ("one annotated slice leaves none to check the adapted model on: annotate 2 or more "
                        "slices; keep the current model")
