@@ -89,6 +89,19 @@ def test_resuming_may_keep_updating_the_best_model_of_the_run_it_continues(task,
     assert load_model_file(out).provenance["iterations"] == 3
 
 
+def test_the_recipe_options_are_recorded_and_a_run_resumes_only_with_them(task, tiny, tmp_path, capsys):
+    ckpt, shapes = tmp_path / "run.ckpt", ("--artefacts", "0.25", "--thick-across", "0.1")
+    assert train(task, tiny, tmp_path / "a.safetensors", "--iterations", "2", "--checkpoint", ckpt, *shapes,
+                 "--spatial", "0.5") == 0
+    recipe = load_model_file(tmp_path / "a.safetensors").provenance["recipe"]
+    assert (recipe["artefacts"], recipe["thick_across"], recipe["spatial"]) == (0.25, 0.1, 0.5)
+    capsys.readouterr()
+    assert train(task, tiny, tmp_path / "b.safetensors", "--iterations", "3", "--checkpoint", ckpt, "--resume",
+                 *shapes) != 0  # --spatial forgotten: continuing would be another training
+    assert "recipe spatial: 0.5 then, 0.0 now" in capsys.readouterr().err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------- data-parallel workers
 
 

@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thick-across", type=fraction, default=None, metavar="SHARE",
                    help="replace this share of the training slices by what a scan of 2-5 times the slice spacing "
                         "shows there (a blend of the slices around), for scans with thick slices (default: 0)")
+    p.add_argument("--spatial", type=fraction, default=None, metavar="SHARE",
+                   help="rotate (up to 15 degrees), scale (0.9-1.1 per axis) and shift this share of the training "
+                        "slices with their labels, for structures in other poses and crops (default: 0)")
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
     p.add_argument("--workers", type=whole_number(1), default=1, metavar="N",
                    help="share every batch among N processes of one thread each (the same training up to rounding; "
@@ -661,6 +664,8 @@ def cmd_train(args) -> int:
         recipe = replace(recipe, artefacts=args.artefacts)
     if args.thick_across is not None:
         recipe = replace(recipe, thick_across=args.thick_across)
+    if args.spatial is not None:
+        recipe = replace(recipe, spatial=args.spatial)
     options["recipe"] = recipe
     data_pairs(args.data)  # a bad folder is reported now, with its reason, not by the training loop
     print(f"reading {args.data} ...", file=sys.stderr)
@@ -774,7 +779,8 @@ def _resume_command(args, checkpoint: Path) -> str:
     if args.workers > 1:
         parts += ["--workers", str(args.workers)]
     for flag, value in (("--lr", args.lr), ("--init", args.init), ("--best", args.best), ("--crop", args.crop),
-                        ("--artefacts", args.artefacts), ("--thick-across", args.thick_across)):
+                        ("--artefacts", args.artefacts), ("--thick-across", args.thick_across),
+                        ("--spatial", args.spatial)):
         if value is not None:
             parts += [flag, str(value)]
     parts += [flag for flag, on in (("--authors-recipe", args.authors_recipe), ("--no-augment", args.no_augment)) if on]

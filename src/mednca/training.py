@@ -577,7 +577,11 @@ def load_training_state(path, model, opt, gen, setup: dict) -> tuple[int, float,
     ours = json.loads(json.dumps({k: v for k, v in setup.items() if k != "iterations"}))
     if theirs != ours:
         changed = sorted(k for k in ours if theirs.get(k) != ours[k])
-        raise CheckpointError(f"{path} was saved by a different training setup (differs in {changed})")
+        if "recipe" in changed and isinstance(theirs.get("recipe"), dict):  # say which setting, then and now
+            changed.remove("recipe")
+            changed += [f"recipe {k}: {theirs['recipe'].get(k)} then, {v} now"
+                        for k, v in ours["recipe"].items() if theirs["recipe"].get(k) != v]
+        raise CheckpointError(f"{path} was saved by a different training setup (differs in {'; '.join(changed)})")
     model.load_state_dict(state_weights(tensors))
     for i, p in enumerate(model.parameters()):
         if f"adam.{i}.exp_avg" in tensors:
