@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from training_support import TINY, same, toy_case, weights
@@ -14,7 +15,7 @@ from mednca.checkpoint import load_model_file
 from mednca.errors import MedNCAError
 from mednca.model import MedNCA
 from mednca.progress import run_to_end
-from mednca.training import AUTHORS_RECIPE, Recipe, train, train_iter
+from mednca.training import AUTHORS_RECIPE, Recipe, segmentation_loss, train, train_iter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,3 +86,31 @@ def test_the_final_model_records_its_own_validation_dice_not_the_best_checkpoint
     assert max(wholes) > wholes[-1]  # the case this test is about: the best came before the end
     assert final.provenance["validation_dice_model_space"] == evals[-1]
     assert load_model_file(best_path).provenance["validation_dice_model_space"]["whole"] == max(wholes)
+
+
+def split_disc() -> torch.Tensor:
+    """Two classes ``[1, 2, 32, 32]`` that meet: the left and right halves of a disc."""
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 100
+    return torch.stack((disc & (xx < 16), disc & (xx >= 16)))[None].float()
+
+
+def test_the_whole_structure_term_weighs_a_miss_at_the_outline_more_against_a_mix_up_inside():
+    target = split_disc()
+    seam = target.clone()  # the column of class 0 next to the seam put in class 1: the outline is right
+    seam[0, 1, :, 15] = seam[0, 0, :, 15]
+    seam[0, 0, :, 15] = 0
+    outline = target.clone()  # as many pixels of class 0 missed at the outline instead
+    edge = (target[0, 0] > 0) & ~(torch.nn.functional.max_pool2d(-target[0:1, 0:1], 3, 1, 1)[0, 0] < 0)
+    missed = edge.nonzero()[: int(target[0, 0, :, 15].sum())]
+    outline[0, 0, missed[:, 0], missed[:, 1]] = 0
+    assert outline.sum() == target.sum() - seam[0, 1, :, 15].sum()
+
+    def ratio(whole):  # the cost of the outline miss over the cost of the mix-up
+        loss = {name: segmentation_loss((pred * 2 - 1) * 2, target, whole=whole).item()
+                for name, pred in (("seam", seam), ("outline", outline), ("right", target))}
+        return (loss["outline"] - loss["right"]) / (loss["seam"] - loss["right"])
+
+    assert ratio(True) > ratio(False) * 1.1  # 0.60 -> 0.69: BCE, the same either way, is most of the loss
+    one_class = target.amax(1, keepdim=True)
+    assert segmentation_loss(one_class, one_class, whole=True) == segmentation_loss(one_class, one_class)

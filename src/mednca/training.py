@@ -65,7 +65,8 @@ class Recipe:
     one MRI artefact (spike, ghosting, motion, thick slices, blur, strong noise or inverted contrast), to
     make a model hold up on corrupted scans; ``thick_across`` the share replaced by what a scan of 2-5 times
     the slice spacing shows there (a blend of the slices around: ``augmentation.thicken_across``); ``spatial``
-    the share given a random rotation, scale and shift (``augmentation.deform``)."""
+    the share given a random rotation, scale and shift (``augmentation.deform``). ``whole_dice`` adds the
+    Dice of the whole structure to the loss (``segmentation_loss``)."""
 
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -81,6 +82,7 @@ class Recipe:
     artefacts: float = 0.0
     thick_across: float = 0.0
     spatial: float = 0.0
+    whole_dice: bool = False
 
     def lr_at(self, iteration: int, total: int) -> float:
         if self.schedule == "exponential":
@@ -203,8 +205,15 @@ def crop_origins(labels: torch.Tensor, crop: int, foreground: float, gen: torch.
     return out
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, share: BatchShare | None = None) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, share: BatchShare | None = None, whole: bool = False
+) -> torch.Tensor:
     """BCE with logits + (1 - soft Dice), Dice per class over the whole batch (smoothing 1), as the authors.
+
+    With ``whole`` and several classes, the structure as a whole (the union of the classes, its probability
+    1 - prod(1 - p)) is one more term of the Dice mean: per class, a pixel put in the wrong one of two classes
+    that meet costs twice (a miss in one, a false alarm in the other) what a pixel missed at the structure's
+    outline costs, though only the outline changes the structure's volume and whole Dice.
 
     With ``share`` (data-parallel training), ``logits`` and ``target`` are this process's part of the batch:
     the sums the loss is made of are added up over the processes, so the loss is the whole batch's, and
@@ -212,20 +221,31 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, share: BatchSh
     if share is None:
         bce = F.binary_cross_entropy_with_logits(logits, target)
         p = torch.sigmoid(logits)
+        if whole and logits.shape[1] > 1:
+            p, target = _with_whole(p, target)
         inter = (p * target).sum((0, 2, 3))
         dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + target.sum((0, 2, 3)) + 1)
         return bce + (1 - dice).mean()
-    k = logits.shape[1]
     p = torch.sigmoid(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="sum").reshape(1)
+    n = logits.new_tensor([target.numel()])
+    if whole and logits.shape[1] > 1:
+        p, target = _with_whole(p, target)
+    k = p.shape[1]
     mine = torch.cat((
-        F.binary_cross_entropy_with_logits(logits, target, reduction="sum").reshape(1),
-        logits.new_tensor([target.numel()]),
+        bce, n,
         (p * target).sum((0, 2, 3)), p.sum((0, 2, 3)), target.sum((0, 2, 3)),
     ))
     total = mine + (share.sum(mine) - mine.detach())
     inter, p_sum, t_sum = total[2:].split(k)
     dice = (2 * inter + 1) / (p_sum + t_sum + 1)
     return total[0] / total[1] + (1 - dice).mean()
+
+
+def _with_whole(p: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and targets ``[N, K, ...]`` with the union of the classes as channel K + 1."""
+    union = 1 - (1 - p).prod(1, keepdim=True)
+    return torch.cat((p, union), 1), torch.cat((target, target.amax(1, keepdim=True)), 1)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -492,7 +512,8 @@ def _train_step(
     origins = crop_origins(labels, recipe.crop, recipe.foreground_crops, gen)
     part = slice(None) if share is None else share.part(batch_size)
     logits, _ = crop_forward(model, images, origins, recipe.crop, gen, part)
-    loss = segmentation_loss(logits, crop_windows(labels[part], origins[part], recipe.crop), share)
+    loss = segmentation_loss(logits, crop_windows(labels[part], origins[part], recipe.crop), share,
+                             recipe.whole_dice)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if share is not None:
