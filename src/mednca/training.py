@@ -218,28 +218,19 @@ def segmentation_loss(
     With ``share`` (data-parallel training), ``logits`` and ``target`` are this process's part of the batch:
     the sums the loss is made of are added up over the processes, so the loss is the whole batch's, and
     its gradient with respect to this part is the whole loss's (the other parts' sums enter as constants)."""
-    if share is None:
-        bce = F.binary_cross_entropy_with_logits(logits, target)
-        p = torch.sigmoid(logits)
-        if whole and logits.shape[1] > 1:
-            p, target = _with_whole(p, target)
-        inter = (p * target).sum((0, 2, 3))
-        dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + target.sum((0, 2, 3)) + 1)
-        return bce + (1 - dice).mean()
+    n = target.numel()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="mean" if share is None else "sum")
     p = torch.sigmoid(logits)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="sum").reshape(1)
-    n = logits.new_tensor([target.numel()])
     if whole and logits.shape[1] > 1:
         p, target = _with_whole(p, target)
-    k = p.shape[1]
-    mine = torch.cat((
-        bce, n,
-        (p * target).sum((0, 2, 3)), p.sum((0, 2, 3)), target.sum((0, 2, 3)),
-    ))
-    total = mine + (share.sum(mine) - mine.detach())
-    inter, p_sum, t_sum = total[2:].split(k)
+    inter, p_sum, t_sum = (p * target).sum((0, 2, 3)), p.sum((0, 2, 3)), target.sum((0, 2, 3))
+    if share is not None:
+        mine = torch.cat((bce.reshape(1), logits.new_tensor([n]), inter, p_sum, t_sum))
+        total = mine + (share.sum(mine) - mine.detach())
+        bce = total[0] / total[1]
+        inter, p_sum, t_sum = total[2:].split(p.shape[1])
     dice = (2 * inter + 1) / (p_sum + t_sum + 1)
-    return total[0] / total[1] + (1 - dice).mean()
+    return bce + (1 - dice).mean()
 
 
 def _with_whole(p: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
