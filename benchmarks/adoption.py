@@ -1,0 +1,92 @@
+"""Judge a candidate model against the shipped default by the adoption rule, on the robustness suite's rows.
+
+    python benchmarks/adoption.py CANDIDATE.csv [--default benchmarks/results/robustness_hippocampus.csv]
+                                  [--authors benchmarks/results/robustness_authors.csv]
+
+Each CSV holds rows of benchmarks/robustness.py (10-run quality maps of the 21 held-out cases, clean and under every
+artefact). Cases are paired: for every condition the table gives the mean whole-hippocampus Dice of the candidate,
+the default and the authors' model, the candidate's mean paired difference to the default with its standard error
+(std / sqrt(n)) and how many cases it improves. The rule, fixed in the README before each training stage starts, is
+that a candidate replaces the default only if
+
+1. its clean whole Dice is higher than the default's on average,
+2. under no artefact is it below the default by more than two standard errors,
+3. under every artefact its mean is at least the authors' model's.
+
+Why paired: the cases differ far more from each other than the models do, so only paired differences resolve the
+thousandths that separate one training stage from the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def read_rows(path: Path) -> dict[tuple[str, str], float]:
+    """Whole Dice by (condition, case), from the 10-run rows only (single runs are a different statistic)."""
+    with open(path, newline="") as f:
+        return {(r["artefact"], r["case"]): float(r["dice_whole"]) for r in csv.DictReader(f) if r["runs"] == "10"}
+
+
+def compare(candidate: dict, default: dict, authors: dict) -> list[dict]:
+    """One row per condition over the cases all three models have: means, paired difference, its SE, cases better."""
+    rows = []
+    for condition in sorted({c for c, _ in candidate}, key=lambda c: (c != "none", c)):
+        cases = sorted(case for c, case in candidate if c == condition
+                       and (c, case) in default and (c, case) in authors)
+        if not cases:
+            continue
+        diffs = [candidate[condition, case] - default[condition, case] for case in cases]
+        mean_diff = sum(diffs) / len(diffs)
+        spread = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else math.inf
+        rows.append({
+            "condition": condition, "cases": len(cases),
+            "candidate": sum(candidate[condition, c] for c in cases) / len(cases),
+            "default": sum(default[condition, c] for c in cases) / len(cases),
+            "authors": sum(authors[condition, c] for c in cases) / len(cases),
+            "diff": mean_diff, "se": spread / math.sqrt(len(diffs)), "better": sum(d > 0 for d in diffs),
+        })
+    return rows
+
+
+def verdict(rows: list[dict]) -> list[tuple[str, bool]]:
+    """The rule's three conditions, each with whether the candidate meets it."""
+    clean = [r for r in rows if r["condition"] == "none"]
+    artefacts = [r for r in rows if r["condition"] != "none"]
+    return [
+        ("clean whole Dice higher than the default's", bool(clean) and clean[0]["diff"] > 0),
+        ("no artefact below the default by more than 2 SE",
+         bool(artefacts) and all(r["diff"] >= -2 * r["se"] for r in artefacts)),
+        ("every artefact at least the authors'",
+         bool(artefacts) and all(r["candidate"] >= r["authors"] for r in artefacts)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("candidate", type=Path)
+    parser.add_argument("--default", type=Path, default=RESULTS / "robustness_hippocampus.csv")
+    parser.add_argument("--authors", type=Path, default=RESULTS / "robustness_authors.csv")
+    args = parser.parse_args(argv)
+    rows = compare(read_rows(args.candidate), read_rows(args.default), read_rows(args.authors))
+    print(f"{'condition':11s} {'n':>3s} {'candidate':>9s} {'default':>8s} {'authors':>8s} "
+          f"{'cand - default':>17s} {'better':>6s}")
+    for r in rows:
+        print(f"{r['condition']:11s} {r['cases']:3d} {r['candidate']:9.4f} {r['default']:8.4f} {r['authors']:8.4f} "
+              f"{r['diff']:+8.4f} +- {r['se']:.4f} {r['better']:4d}/{r['cases']}")
+    checks = verdict(rows)
+    for text, met in checks:
+        print(f"{'met ' if met else 'FAILED'}  {text}")
+    adopt = all(met for _, met in checks)
+    print("adopt: the candidate replaces the default" if adopt else "keep the default")
+    return 0 if adopt else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
