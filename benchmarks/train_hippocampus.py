@@ -8,7 +8,7 @@ logs that model's Dice on the validation probe, the baseline the run's evals com
 validation case is segmented at its native resolution and its Dice logged.
 
     python benchmarks/train_hippocampus.py DATA_DIR OUT_DIR [ITERATIONS] [--init MODEL] [--crop N] [--no-augment]
-        [--artefacts F] [--thick-across F] [--spatial F] [--whole-dice] [--lr LR] [--schedule cosine|exponential]
+        [--artefacts F] [--thick-across F] [--spatial F] [--whole-dice [W]] [--lr LR] [--schedule cosine|exponential]
         [--final-lr-fraction F] [--batch N] [--threads N] [--workers N] [--eval-every N]
         [--eval-slices N] [--snapshots-from N]
 
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artefacts", type=float, default=None, help="share of slices given an MRI artefact")
     parser.add_argument("--thick-across", type=float, default=None, help="share of slices thickened across slices")
     parser.add_argument("--spatial", type=float, default=None, help="share of slices rotated, scaled and shifted")
-    parser.add_argument("--whole-dice", action="store_true", help="add the whole structure's Dice to the loss")
+    parser.add_argument("--whole-dice", type=float, nargs="?", const=1.0, default=None, metavar="W",
+                        help="add the whole structure's Dice to the loss, weighing W times a class's (default 1)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--schedule", choices=("cosine", "exponential"), default=None)
     parser.add_argument("--final-lr-fraction", type=float, default=None, help="cosine: end at this share of --lr")
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     changes = {"crop": args.crop, "lr": args.lr, "augment": False if args.no_augment else None,
                "schedule": args.schedule, "final_lr_fraction": args.final_lr_fraction, "artefacts": args.artefacts,
                "thick_across": args.thick_across, "spatial": args.spatial,
-               "whole_dice": True if args.whole_dice else None}
+               "whole_dice": args.whole_dice}
     recipe = replace(Recipe(), **{k: v for k, v in changes.items() if v is not None})
     init = None if args.init is None else load_model(args.init)
     state = out / "training_state.safetensors"

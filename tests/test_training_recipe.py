@@ -44,9 +44,11 @@ def test_zero_fc1_starts_every_cell_with_no_change(toy):
 
 
 def test_a_checkpoint_from_before_a_recipe_setting_resumes(toy, tmp_path):
-    """A checkpoint whose recorded recipe lacks a setting added since trained with that setting's default."""
+    """A checkpoint whose recorded recipe lacks a setting added since trained with that setting's default; one
+    recording the whole-structure term as on/off (stages 8 and 9 of the default) resumes with weight 1."""
     ckpt = tmp_path / "state.safetensors"
-    args = short(recipe=Recipe(lr=1e-2, warmup=2, crop=8), iterations=6, eval_every=100, checkpoint_every=3)
+    args = short(recipe=Recipe(lr=1e-2, warmup=2, crop=8, whole_dice=1.0), iterations=6, eval_every=100,
+                 checkpoint_every=3)
     straight = train(toy, **args)
     gen = train_iter(toy, **args, checkpoint_path=ckpt)
     for event in gen:
@@ -58,6 +60,7 @@ def test_a_checkpoint_from_before_a_recipe_setting_resumes(toy, tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     for added in ("zero_fc1", "artefacts", "thick_across"):
         del meta["setup"]["recipe"][added]
+    meta["setup"]["recipe"]["whole_dice"] = True
     save_file(tensors, ckpt, metadata={"mednca_training": json.dumps(meta)})
     resumed = train(toy, **args, checkpoint_path=ckpt, resume=True)
     assert resumed.provenance["iterations"] == 6
@@ -72,6 +75,11 @@ def test_corrupting_a_share_changes_the_training_and_a_share_outside_0_to_1_is_r
     assert not same(weights(plain), weights(corrupted))
     with pytest.raises(MedNCAError, match=f"{message} must be 0 to 1"):
         train(toy, **short(recipe=Recipe(**{setting: 1.5})))
+
+
+def test_a_negative_whole_structure_weight_is_refused(toy):
+    with pytest.raises(MedNCAError, match="whole structure's Dice weight must be 0 to 100, not -1"):
+        train(toy, **short(recipe=Recipe(whole_dice=-1.0)))
 
 
 def test_the_final_model_records_its_own_validation_dice_not_the_best_checkpoints(toy, tmp_path):
@@ -111,6 +119,19 @@ def test_the_whole_structure_term_weighs_a_miss_at_the_outline_more_against_a_mi
                 for name, pred in (("seam", seam), ("outline", outline), ("right", target))}
         return (loss["outline"] - loss["right"]) / (loss["seam"] - loss["right"])
 
-    assert ratio(True) > ratio(False) * 1.1  # 0.60 -> 0.69: BCE, the same either way, is most of the loss
+    assert ratio(1.0) > ratio(0.0) * 1.1  # 0.60 -> 0.69: BCE, the same either way, is most of the loss
+    assert ratio(3.0) > ratio(1.0) * 1.1  # a heavier whole term: the outline counts for more still
     one_class = target.amax(1, keepdim=True)
-    assert segmentation_loss(one_class, one_class, whole=True) == segmentation_loss(one_class, one_class)
+    assert segmentation_loss(one_class, one_class, whole=1.0) == segmentation_loss(one_class, one_class)
+
+
+def test_a_whole_term_of_weight_one_is_one_more_term_of_the_dice_mean():
+    # stage 8 of the default was trained with the whole term as a plain (K + 1)-th term; the weight keeps that
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 2, 8, 8), (torch.rand(2, 2, 8, 8) > 0.5).float()
+    p = torch.sigmoid(logits)
+    union = 1 - (1 - p).prod(1, keepdim=True)
+    p3, t3 = torch.cat((p, union), 1), torch.cat((target, target.amax(1, keepdim=True)), 1)
+    dice = (2 * (p3 * t3).sum((0, 2, 3)) + 1) / (p3.sum((0, 2, 3)) + t3.sum((0, 2, 3)) + 1)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + (1 - dice).mean()
+    assert torch.allclose(segmentation_loss(logits, target, whole=1.0), expected, rtol=1e-6)

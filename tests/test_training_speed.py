@@ -106,7 +106,7 @@ def test_window_from_the_coarse_state_is_bit_identical(config, batch, crop):
 # --------------------------------------------------------------------------------------- data-parallel
 
 
-def shared_batch_grads(model, images, labels, origins, crop, share=None, whole=False):
+def shared_batch_grads(model, images, labels, origins, crop, share=None, whole=0.0):
     """Loss and summed gradients of one batch, computed by this process's share of it (all of it without
     ``share``), the way a training step does."""
     model.zero_grad(set_to_none=True)
@@ -140,7 +140,7 @@ def relative_error(a, b):
     return max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize(("size", "batch", "whole"), [(2, 6, False), (2, 5, False), (3, 7, False), (2, 6, True)])
+@pytest.mark.parametrize(("size", "batch", "whole"), [(2, 6, 0.0), (2, 5, 0.0), (3, 7, 0.0), (2, 6, 2.5)])
 def test_shares_of_a_batch_add_up_to_the_whole_batch_gradient(size, batch, whole):
     """In float64 the processes' summed shares are the whole batch's gradient (to 1e-12). In float32 they are
     as close to it as one process's float32 gradient is: 32 automaton steps amplify float32 rounding to

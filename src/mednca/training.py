@@ -65,8 +65,8 @@ class Recipe:
     one MRI artefact (spike, ghosting, motion, thick slices, blur, strong noise or inverted contrast), to
     make a model hold up on corrupted scans; ``thick_across`` the share replaced by what a scan of 2-5 times
     the slice spacing shows there (a blend of the slices around: ``augmentation.thicken_across``); ``spatial``
-    the share given a random rotation, scale and shift (``augmentation.deform``). ``whole_dice`` adds the
-    Dice of the whole structure to the loss (``segmentation_loss``)."""
+    the share given a random rotation, scale and shift (``augmentation.deform``). ``whole_dice`` weighs the
+    Dice of the whole structure in the loss against one class's (``segmentation_loss``; 0 leaves it out)."""
 
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -82,7 +82,7 @@ class Recipe:
     artefacts: float = 0.0
     thick_across: float = 0.0
     spatial: float = 0.0
-    whole_dice: bool = False
+    whole_dice: float = 0.0
 
     def lr_at(self, iteration: int, total: int) -> float:
         if self.schedule == "exponential":
@@ -206,14 +206,15 @@ def crop_origins(labels: torch.Tensor, crop: int, foreground: float, gen: torch.
 
 
 def segmentation_loss(
-    logits: torch.Tensor, target: torch.Tensor, share: BatchShare | None = None, whole: bool = False
+    logits: torch.Tensor, target: torch.Tensor, share: BatchShare | None = None, whole: float = 0.0
 ) -> torch.Tensor:
     """BCE with logits + (1 - soft Dice), Dice per class over the whole batch (smoothing 1), as the authors.
 
-    With ``whole`` and several classes, the structure as a whole (the union of the classes, its probability
-    1 - prod(1 - p)) is one more term of the Dice mean: per class, a pixel put in the wrong one of two classes
-    that meet costs twice (a miss in one, a false alarm in the other) what a pixel missed at the structure's
-    outline costs, though only the outline changes the structure's volume and whole Dice.
+    With ``whole`` > 0 and several classes, the structure as a whole (the union of the classes, its probability
+    1 - prod(1 - p)) is one more term of the Dice mean, weighing ``whole`` times a class's (1: one term among
+    K + 1): per class, a pixel put in the wrong one of two classes that meet costs twice (a miss in one, a false
+    alarm in the other) what a pixel missed at the structure's outline costs, though only the outline changes
+    the structure's volume and whole Dice.
 
     With ``share`` (data-parallel training), ``logits`` and ``target`` are this process's part of the batch:
     the sums the loss is made of are added up over the processes, so the loss is the whole batch's, and
@@ -221,8 +222,10 @@ def segmentation_loss(
     n = target.numel()
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="mean" if share is None else "sum")
     p = torch.sigmoid(logits)
+    weights = p.new_ones(p.shape[1])
     if whole and logits.shape[1] > 1:
         p, target = _with_whole(p, target)
+        weights = torch.cat((weights, weights.new_tensor([float(whole)])))
     inter, p_sum, t_sum = (p * target).sum((0, 2, 3)), p.sum((0, 2, 3)), target.sum((0, 2, 3))
     if share is not None:
         mine = torch.cat((bce.reshape(1), logits.new_tensor([n]), inter, p_sum, t_sum))
@@ -230,7 +233,7 @@ def segmentation_loss(
         bce = total[0] / total[1]
         inter, p_sum, t_sum = total[2:].split(p.shape[1])
     dice = (2 * inter + 1) / (p_sum + t_sum + 1)
-    return bce + (1 - dice).mean()
+    return bce + ((1 - dice) * weights).sum() / weights.sum()
 
 
 def _with_whole(p: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,6 +384,8 @@ def train_iter(
         raise MedNCAError(f"the share of thickened slices must be 0 to 1, not {recipe.thick_across}")
     if not 0.0 <= recipe.spatial <= 1.0:
         raise MedNCAError(f"the share of slices given a new shape or pose must be 0 to 1, not {recipe.spatial}")
+    if not 0.0 <= recipe.whole_dice <= 100.0:
+        raise MedNCAError(f"the whole structure's Dice weight must be 0 to 100, not {recipe.whole_dice}")
     if not 1 <= workers <= batch_size:
         raise MedNCAError(f"training needs 1 to batch size ({batch_size}) worker processes, not {workers}")
     prep = preprocessing or Preprocessing()
