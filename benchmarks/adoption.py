@@ -28,47 +28,58 @@ import math
 import sys
 from pathlib import Path
 
+from robustness import paired  # benchmarks/robustness.py, beside this script: its paired differences
+
+from mednca.artefacts import CLEAN
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def read_rows(path: Path) -> dict[tuple[str, str], float]:
-    """Whole Dice by (condition, case), from the 10-run rows only (single runs are a different statistic)."""
+def read_rows(path: Path) -> list[dict]:
+    """The 10-run rows of a robustness CSV (single runs are a different statistic)."""
     with open(path, newline="") as f:
-        return {(r["artefact"], r["case"]): float(r["dice_whole"]) for r in csv.DictReader(f) if r["runs"] == "10"}
+        return [r for r in csv.DictReader(f) if r["runs"] == "10"]
 
 
-def compare(candidate: dict, default: dict, authors: dict) -> list[dict]:
-    """One row per condition over the cases all three models have: means, paired difference, its SE, cases better."""
+def whole_dice(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """Whole Dice by (case, condition), the key ``robustness.paired`` uses."""
+    return {(r["case"], r["artefact"]): float(r["dice_whole"]) for r in rows}
+
+
+def compare(candidate: list[dict], default: list[dict], authors: list[dict]) -> list[dict]:
+    """One row per condition over the cases all three models have: the means, and the candidate's paired
+    difference to the default with its SE and the cases it improves (``robustness.paired``)."""
+    dice = [whole_dice(rows) for rows in (candidate, default, authors)]
+    common = set.intersection(*(set(d) for d in dice))
     rows = []
-    for condition in sorted({c for c, _ in candidate}, key=lambda c: (c != "none", c)):
-        cases = sorted(case for c, case in candidate if c == condition
-                       and (c, case) in default and (c, case) in authors)
-        if not cases:
-            continue
-        diffs = [candidate[condition, case] - default[condition, case] for case in cases]
-        mean_diff = sum(diffs) / len(diffs)
-        spread = math.sqrt(sum((d - mean_diff) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else math.inf
+    for condition, diff in sorted(paired(candidate, default, common).items(), key=lambda c: (c[0] != CLEAN, c[0])):
+        keys = [key for key in common if key[1] == condition]
+        means = [sum(d[key] for key in keys) / len(keys) for d in dice]
         rows.append({
-            "condition": condition, "cases": len(cases),
-            "candidate": sum(candidate[condition, c] for c in cases) / len(cases),
-            "default": sum(default[condition, c] for c in cases) / len(cases),
-            "authors": sum(authors[condition, c] for c in cases) / len(cases),
-            "diff": mean_diff, "se": spread / math.sqrt(len(diffs)), "better": sum(d > 0 for d in diffs),
+            "condition": condition, "cases": diff["cases"], "candidate": means[0], "default": means[1],
+            "authors": means[2], "diff": diff["diff_mean"], "better": diff["better"],
+            "se": math.inf if diff["diff_se"] is None else diff["diff_se"],
         })
     return rows
 
 
-def verdict(rows: list[dict]) -> list[tuple[str, bool]]:
-    """The rule's three conditions, each with whether the candidate meets it."""
-    clean = [r for r in rows if r["condition"] == "none"]
-    artefacts = [r for r in rows if r["condition"] != "none"]
-    return [
+def verdict(rows: list[dict], missing: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """The rule's conditions, each with whether the candidate meets it. ``missing`` are the (case, condition)
+    maps the default was judged on that the candidate lacks: the rule is over all of them, so a partial run
+    decides nothing."""
+    clean = [r for r in rows if r["condition"] == CLEAN]
+    artefacts = [r for r in rows if r["condition"] != CLEAN]
+    checks = [
         ("clean whole Dice higher than the default's", bool(clean) and clean[0]["diff"] > 0),
         ("no artefact below the default by more than 2 SE",
          bool(artefacts) and all(r["diff"] >= -2 * r["se"] for r in artefacts)),
         ("every artefact at least the authors'",
          bool(artefacts) and all(r["candidate"] >= r["authors"] for r in artefacts)),
     ]
+    if missing:
+        checks.append((f"the candidate has every map the default has ({len(missing)} missing, e.g. "
+                       f"{missing[0][0]} {missing[0][1]})", False))
+    return checks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['condition']:11s} {r['cases']:3d} {r['candidate']:9.4f} {r['default']:8.4f} {r['authors']:8.4f} "
               f"{r['diff']:+8.4f} +- {r['se']:.4f} {r['better']:4d}/{r['cases']}")
-    checks = verdict(rows)
-    missing = sorted(set(default) - set(candidate))
-    if missing:  # the rule is over every case and condition the default was judged on: a partial run decides nothing
-        checks.append((f"the candidate has every map the default has ({len(missing)} missing, e.g. "
-                       f"{missing[0][1]} {missing[0][0]})", False))
+    checks = verdict(rows, sorted(set(whole_dice(default)) - set(whole_dice(candidate))))
     for text, met in checks:
         print(f"{'met ' if met else 'FAILED'}  {text}")
     adopt = all(met for _, met in checks)
