@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     })
     provenance["iterations"] += stage["iterations"]
     provenance["train_seconds"] = round(provenance["train_seconds"] + stage["train_seconds"], 1)
-    count = NUMBERS[len(provenance["stages"]) - 1]
+    stages = len(provenance["stages"])
+    count = NUMBERS[stages - 1] if stages <= len(NUMBERS) else str(stages)
     provenance["source"] = f"trained with mednca.training, from scratch, in {count} stages"
     provenance["validation_dice_model_space"] = stage["validation_dice_model_space"]
     native = native_dice(args.stage / "train.log")
