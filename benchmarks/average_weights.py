@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from mednca.checkpoint import load_model_file, save_model, weights_digest
+from mednca.model import MedNCA
 from mednca.training import MEASURED_DICE
 
 
-def average(paths: list[Path]) -> torch.nn.Module:
+def average(paths: list[Path]) -> MedNCA:
     """The model of ``paths[-1]`` with every weight replaced by the mean over all ``paths``."""
     models = [load_model_file(p) for p in paths]
     last = models[-1]
