@@ -8,13 +8,18 @@ logs that model's Dice on the validation probe, the baseline the run's evals com
 validation case is segmented at its native resolution and its Dice logged.
 
     python benchmarks/train_hippocampus.py DATA_DIR OUT_DIR [ITERATIONS] [--init MODEL] [--crop N] [--no-augment]
-        [--artefacts F] [--thick-across F] [--spatial F] [--whole-dice [W]] [--lr LR] [--schedule cosine|exponential]
-        [--final-lr-fraction F] [--batch N] [--threads N] [--workers N] [--eval-every N]
+        [--artefacts F] [--thick-across F] [--spatial F] [--whole-dice [W]] [--one-class] [--lr LR]
+        [--schedule cosine|exponential] [--final-lr-fraction F] [--batch N] [--threads N] [--workers N] [--eval-every N]
         [--eval-slices N] [--snapshots-from N]
 
 --snapshots-from N keeps the weights at every eval from iteration N on as OUT_DIR/snapshot_ITERATION.safetensors,
 for averaging the last checkpoints of a run (it changes nothing in the training, so a run resumes with or
 without it).
+
+--one-class trains the whole hippocampus as one class (the authors' output), anterior and posterior merged;
+from --init, the two-class model's weights are kept and its first output channel becomes the structure's. It
+measures what separating the two classes costs the structure's outline: a one-class model is not a default
+(volumetry needs both parts).
 
 --workers N shares every batch among N one-thread processes (mednca.data_parallel): the same training up to
 rounding, and a checkpoint resumes with any number of workers.
@@ -56,6 +61,7 @@ from mednca.training import (
 )
 
 VAL_FRACTION, SEED = 0.1, 0
+WHOLE = ("hippocampus",)  # --one-class: the class name of the merged structure
 
 DATA_NOTE = {"data": "MSD Task04 Hippocampus, CC-BY-SA 4.0", "licence_of_weights_data": "CC-BY-SA 4.0"}
 
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spatial", type=float, default=None, help="share of slices rotated, scaled and shifted")
     parser.add_argument("--whole-dice", type=float, nargs="?", const=1.0, default=None, metavar="W",
                         help="add the whole structure's Dice to the loss, weighing W times a class's (default 1)")
+    parser.add_argument("--one-class", action="store_true",
+                        help="train the whole structure as one class (anterior and posterior merged)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--schedule", choices=("cosine", "exponential"), default=None)
     parser.add_argument("--final-lr-fraction", type=float, default=None, help="cosine: end at this share of --lr")
@@ -145,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
                "whole_dice": args.whole_dice}
     recipe = replace(Recipe(), **{k: v for k, v in changes.items() if v is not None})
     init = None if args.init is None else load_model(args.init)
+    config = replace(HIPPOCAMPUS, output_channels=1, class_names=WHOLE) if args.one_class else HIPPOCAMPUS
+    if args.one_class and init is not None:
+        init.config = replace(init.config, output_channels=1, class_names=WHOLE)
     state = out / "training_state.safetensors"
     log(f"data {args.data}; recipe {recipe}; iterations {args.iterations}; batch {args.batch}; "
         f"torch threads {args.threads}; workers {args.workers}; init {args.init}")
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"it 0 validation Dice (64x64, {args.eval_slices} slices) "
             f"{fmt(baseline_probe_dice(init, cases, args.eval_slices))} (the starting model {args.init})")
     gen = train_iter(
-        cases, config=HIPPOCAMPUS, recipe=recipe, iterations=args.iterations, batch_size=args.batch,
+        cases, config=config, recipe=recipe, iterations=args.iterations, batch_size=args.batch,
         val_fraction=VAL_FRACTION, seed=SEED, checkpoint_path=state, checkpoint_every=250, resume=True,
         eval_every=args.eval_every, eval_slices=args.eval_slices, best_path=out / "best.safetensors",
         provenance=DATA_NOTE, log_every=100, init_model=init, workers=args.workers,
