@@ -1,13 +1,13 @@
-"""How a two-class model's probabilities become labels: the engine's rule beside two that label more of the outline.
+"""How a two-class model's probabilities become labels: the engine's rule beside two others.
 
     python benchmarks/labelling_rules.py [--model hippocampus] [--runs 10] [--threads 1] [--shared ../shared]
 
-The engine labels a voxel with its most probable class where that class's probability exceeds 0.5
-(``mednca.inference.labels_from_probabilities``). Where anterior and posterior meet, a voxel can be 0.45 one
-and 0.45 the other: surely hippocampus, yet labelled background. Two rules that label such voxels, each with
-the most probable class:
+Each rule labels a voxel with its most probable class, where
 
-- sum: the class probabilities add up to more than 0.5 (the classes exclude each other);
+- engine (``mednca.inference.labels_from_probabilities``): the class probabilities add up to more than 0.5
+  (the classes are parts of one structure and exclude each other);
+- part: that class's own probability exceeds 0.5, the engine's rule until 2026-11-24. Where anterior and
+  posterior meet, a voxel can be 0.45 one and 0.45 the other: surely hippocampus, yet labelled background;
 - union: 1 - prod(1 - p) > 0.5, the structure's probability as the training loss's whole-structure term has it.
 
 Each rule labels the mean of the same ``--runs``-run quality map of the model's 21 held-out cases at native
@@ -40,7 +40,7 @@ def rule_labels(prob: np.ndarray) -> dict[str, np.ndarray]:
     best = (prob.argmax(0) + 1).astype(np.uint8)
     return {
         "engine": labels_from_probabilities(prob),
-        "sum": np.where(prob.sum(0) > 0.5, best, 0),
+        "part": np.where(prob.max(0) > 0.5, best, 0),
         "union": np.where(1 - np.prod(1 - prob, 0) > 0.5, best, 0),
     }
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     digest = weights_digest(model.state_dict())[:16]
     lines = [f"{args.model} (weights {digest}): {args.runs}-run quality maps of {len(pairs)} held-out cases, "
              "native resolution",
-             "case: whole anterior posterior Dice under engine | sum | union"]
+             "case: whole anterior posterior Dice under engine | part | union"]
     table = []  # [case, rule, measure]
     for case, image_path, label_path in pairs:
         volume = read_volume(image_path)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         print(lines[-1], flush=True)
     t = np.array(table)
     lines.append("mean: " + " | ".join(" ".join(f"{x:.4f}" for x in row) for row in t.mean(0)))
-    for r, rule in enumerate(("sum", "union"), start=1):
+    for r, rule in enumerate(("part", "union"), start=1):
         for m, measure in enumerate(("whole", "anterior", "posterior")):
             d = t[:, r, m] - t[:, 0, m]
             lines.append(f"{rule} - engine, {measure}: {d.mean():+.4f} +- {d.std(ddof=1) / math.sqrt(len(d)):.4f}, "

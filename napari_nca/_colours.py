@@ -50,14 +50,15 @@ def probability_colormap(k: int) -> Colormap:
 
 def growth_rgba(probability: np.ndarray) -> np.ndarray:
     """``[K, ...]`` probabilities -> ``[..., 4]`` uint8 colours for the growth replay: each voxel in the colour
-    of its most probable class, transparent until that class passes even odds (0.5, where a voxel starts to
-    be labelled) and opaque from ``GROWTH_OPAQUE`` on. The coarse level hovers around even odds everywhere;
-    shown as raw probability it is a colour wash, shown this way the structure emerges from it."""
+    of its most probable class, transparent until the structure (the classes' summed probability) passes
+    even odds (0.5, where a voxel starts to be labelled) and opaque from ``GROWTH_OPAQUE`` on. The coarse
+    level hovers around even odds everywhere; shown as raw probability it is a colour wash, shown this way
+    the structure emerges from it."""
     best = probability.argmax(0)
     palette = np.array([class_rgb(k + 1) for k in range(probability.shape[0])]) * 255
     rgba = np.empty((*best.shape, 4), np.uint8)
     rgba[..., :3] = palette[best]
-    rgba[..., 3] = np.clip((probability.max(0) - 0.5) / (GROWTH_OPAQUE - 0.5), 0, 1) * 255
+    rgba[..., 3] = np.clip((probability.sum(0) - 0.5) / (GROWTH_OPAQUE - 0.5), 0, 1) * 255
     return rgba
 
 

@@ -127,7 +127,17 @@ def test_an_empty_scan_is_refused_rather_than_given_labels(tiny_model):
         segment(tiny_model, Volume(np.zeros((30, 40, 6), np.float32), np.eye(4)))
 
 
-def test_multiclass_labels_take_the_most_probable_class():
-    prob = np.array([[0.9, 0.2, 0.6], [0.3, 0.4, 0.7]], np.float32)
-    np.testing.assert_array_equal(labels_from_probabilities(prob), [1, 0, 2])
-    np.testing.assert_array_equal(labels_from_probabilities(prob[:1]), [1, 0, 1])
+def test_multiclass_labels_take_the_most_probable_class_where_the_structure_is_likely():
+    prob = np.array([[0.9, 0.2, 0.6, 0.45, 0.2], [0.3, 0.2, 0.7, 0.44, 0.25]], np.float32)
+    # the last but one voxel lies on the border of two parts: surely the structure, though neither part passes 0.5
+    np.testing.assert_array_equal(labels_from_probabilities(prob), [1, 0, 2, 1, 0])
+    np.testing.assert_array_equal(labels_from_probabilities(prob[:1]), [1, 0, 1, 0, 0])
+
+
+def test_training_evaluation_labels_voxels_as_inference_does():
+    from mednca.training import predict_masks
+
+    prob = np.random.default_rng(0).uniform(0.01, 0.99, (2, 50)).astype(np.float32)
+    masks = predict_masks(torch.logit(torch.from_numpy(prob))[None]).numpy()[0]  # [K, voxels]
+    labels = labels_from_probabilities(prob)
+    np.testing.assert_array_equal(masks, np.stack([labels == 1, labels == 2]))

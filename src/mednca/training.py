@@ -259,12 +259,14 @@ def hard_dice(pred: torch.Tensor, target: torch.Tensor, names: Sequence[str]) ->
 
 
 def predict_masks(logits: torch.Tensor) -> torch.Tensor:
-    """Logits ``[N, K, ...]`` -> boolean masks, as inference labels voxels: one class, logit > 0; several,
-    the most probable class where its probability > 0.5."""
+    """Logits ``[N, K, ...]`` -> boolean masks, as inference labels voxels (``labels_from_probabilities``):
+    one class, logit > 0; several, the most probable class where the class probabilities add up to more
+    than 0.5."""
     if logits.shape[1] == 1:
         return logits > 0
     best = logits.argmax(1, keepdim=True)
-    return (torch.zeros_like(logits, dtype=torch.bool).scatter_(1, best, True)) & (logits.amax(1, keepdim=True) > 0)
+    structure = torch.sigmoid(logits).sum(1, keepdim=True) > 0.5
+    return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, best, True) & structure
 
 
 @torch.no_grad()
