@@ -27,7 +27,7 @@ import numpy as np
 
 from mednca.checkpoint import weights_digest
 from mednca.data import data_pairs
-from mednca.evaluation import dice_score, select_cases
+from mednca.evaluation import case_dice, select_cases
 from mednca.inference import labels_from_probabilities, quality_map
 from mednca.registry import load_model
 from mednca.volume import check_labels, read_volume
@@ -43,11 +43,6 @@ def rule_labels(prob: np.ndarray) -> dict[str, np.ndarray]:
         "part": np.where(prob.max(0) > 0.5, best, 0),
         "union": np.where(1 - np.prod(1 - prob, 0) > 0.5, best, 0),
     }
-
-
-def scores(labels: np.ndarray, truth: np.ndarray) -> list[float]:
-    """Whole, class 1 and class 2 Dice."""
-    return [dice_score(labels > 0, truth > 0), dice_score(labels == 1, truth == 1), dice_score(labels == 2, truth == 2)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         volume = read_volume(image_path)
         truth = check_labels(read_volume(label_path), volume)
         mean = quality_map(model, volume, runs=args.runs, threads=args.threads).mean
-        table.append([scores(labels, truth) for labels in rule_labels(mean).values()])
+        dice = [case_dice(labels, truth, model.config.class_names) for labels in rule_labels(mean).values()]
+        table.append([[whole, *per_class.values()] for whole, per_class in dice])
         lines.append(f"{case}: " + " | ".join(" ".join(f"{x:.4f}" for x in row) for row in table[-1]))
         print(lines[-1], flush=True)
     t = np.array(table)
