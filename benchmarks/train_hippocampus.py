@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="add the whole structure's Dice to the loss, weighing W times a class's (default 1)")
     parser.add_argument("--one-class", action="store_true",
                         help="train the whole structure as one class (anterior and posterior merged)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
+                        help="NCA steps per level, coarse first (the model keeps them for inference)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--schedule", choices=("cosine", "exponential"), default=None)
     parser.add_argument("--final-lr-fraction", type=float, default=None, help="cosine: end at this share of --lr")
@@ -153,9 +155,11 @@ def main(argv: list[str] | None = None) -> None:
                "whole_dice": args.whole_dice}
     recipe = replace(Recipe(), **{k: v for k, v in changes.items() if v is not None})
     init = None if args.init is None else load_model(args.init)
-    config = replace(HIPPOCAMPUS, output_channels=1, class_names=WHOLE) if args.one_class else HIPPOCAMPUS
-    if args.one_class and init is not None:
-        init.config = replace(init.config, output_channels=1, class_names=WHOLE)
+    rebind = {**({"output_channels": 1, "class_names": WHOLE} if args.one_class else {}),
+              **({"steps": tuple(args.steps)} if args.steps else {})}
+    config = replace(HIPPOCAMPUS, **rebind)
+    if init is not None and rebind:
+        init.config = replace(init.config, **rebind)
     state = out / "training_state.safetensors"
     log(f"data {args.data}; recipe {recipe}; iterations {args.iterations}; batch {args.batch}; "
         f"torch threads {args.threads}; workers {args.workers}; init {args.init}")
