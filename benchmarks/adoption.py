@@ -6,8 +6,8 @@
 Each CSV holds rows of benchmarks/robustness.py (10-run quality maps of the 21 held-out cases, clean and under every
 artefact). Cases are paired: for every condition the table gives the mean whole-hippocampus Dice of the candidate,
 the default and the authors' model, the candidate's mean paired difference to the default with its standard error
-(std / sqrt(n)) and how many cases it improves. The rule, fixed in the README before each training stage starts, is
-that a candidate replaces the default only if
+(std / sqrt(n)) and how many cases it improves. The rule, fixed in docs/training_history.md before each training
+stage starts, is that a candidate replaces the default only if
 
 1. its clean whole Dice is higher than the default's on average,
 2. under no artefact is it below the default by more than two standard errors,
