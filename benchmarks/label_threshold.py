@@ -28,17 +28,12 @@ from accuracy import training_sample  # benchmarks/accuracy.py, beside this scri
 from mednca.checkpoint import weights_digest
 from mednca.data import data_pairs
 from mednca.evaluation import case_dice, select_cases
-from mednca.inference import quality_map
+from mednca.inference import labels_from_probabilities, quality_map
 from mednca.registry import load_model
 from mednca.volume import check_labels, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 CUTS = (0.35, 0.4, 0.45, 0.475, 0.5, 0.525, 0.55, 0.575, 0.6, 0.65)
-
-
-def labels_at(prob: np.ndarray, cut: float) -> np.ndarray:
-    """The engine's rule with ``cut`` in place of 0.5: ``[K, ...]`` probabilities -> uint8 labels."""
-    return np.where(prob.sum(0) > cut, prob.argmax(0) + 1, 0).astype(np.uint8)
 
 
 def sweep(model, pairs: list, runs: int, threads: int) -> np.ndarray:
@@ -48,7 +43,8 @@ def sweep(model, pairs: list, runs: int, threads: int) -> np.ndarray:
         volume = read_volume(image_path)
         truth = check_labels(read_volume(label_path), volume)
         mean = quality_map(model, volume, runs=runs, threads=threads).mean
-        table.append([case_dice(labels_at(mean, cut), truth, model.config.class_names)[0] for cut in CUTS])
+        names = model.config.class_names
+        table.append([case_dice(labels_from_probabilities(mean, cut), truth, names)[0] for cut in CUTS])
         print(f"{case}: " + " ".join(f"{d:.4f}" for d in table[-1]), flush=True)
     return np.array(table)
 

@@ -204,15 +204,16 @@ def _to_native(
     return out
 
 
-def labels_from_probabilities(prob: np.ndarray) -> np.ndarray:
-    """``[K, ...]`` probabilities -> uint8 labels: one class, p > 0.5; several, the most probable class where
-    the class probabilities add up to more than 0.5. The classes are parts of one structure that exclude each
+def labels_from_probabilities(prob: np.ndarray, cut: float = 0.5) -> np.ndarray:
+    """``[K, ...]`` probabilities -> uint8 labels: one class, p > ``cut``; several, the most probable class where
+    the class probabilities add up to more than ``cut``. The classes are parts of one structure that exclude each
     other, so their sum is the structure's probability: a voxel 0.45 anterior and 0.45 posterior, on the
-    border between the parts, is hippocampus, not background (``benchmarks/labelling_rules.py``)."""
+    border between the parts, is hippocampus, not background (``benchmarks/labelling_rules.py``). The engine
+    always cuts at 0.5; ``benchmarks/label_threshold.py`` sweeps the cut and finds no better one."""
     if prob.shape[0] == 1:
-        return (prob[0] > 0.5).astype(np.uint8)
+        return (prob[0] > cut).astype(np.uint8)
     best = prob.argmax(0)
-    return np.where(prob.sum(0) > 0.5, best + 1, 0).astype(np.uint8)
+    return np.where(prob.sum(0) > cut, best + 1, 0).astype(np.uint8)
 
 
 def segment_iter(
