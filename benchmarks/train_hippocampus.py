@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("iterations", type=int, nargs="?", default=10000)
     parser.add_argument("--init", default=None, help="start from this model (a name, file or folder)")
     parser.add_argument("--crop", type=int, default=None)
+    parser.add_argument("--foreground-crops", type=float, default=None, metavar="SHARE",
+                        help="share of crops on a labelled pixel, the rest anywhere (0: uniform, as the authors)")
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--artefacts", type=float, default=None, help="share of slices given an MRI artefact")
     parser.add_argument("--thick-across", type=float, default=None, help="share of slices thickened across slices")
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.workers > 1 and args.threads != 1:
         parser.error("--workers runs one thread per process: leave --threads at 1")
-    changes = {"crop": args.crop, "lr": args.lr, "augment": False if args.no_augment else None,
+    changes = {"crop": args.crop, "foreground_crops": args.foreground_crops, "lr": args.lr,
+               "augment": False if args.no_augment else None,
                "schedule": args.schedule, "final_lr_fraction": args.final_lr_fraction, "artefacts": args.artefacts,
                "thick_across": args.thick_across, "spatial": args.spatial,
                "whole_dice": args.whole_dice}
