@@ -39,11 +39,11 @@ CUTS = (0.35, 0.4, 0.45, 0.475, 0.5, 0.525, 0.55, 0.575, 0.6, 0.65)
 def sweep(model, pairs: list, runs: int, threads: int) -> np.ndarray:
     """Whole Dice ``[case, cut]`` over ``CUTS``."""
     table = []
+    names = model.config.class_names
     for case, image_path, label_path in pairs:
         volume = read_volume(image_path)
         truth = check_labels(read_volume(label_path), volume)
         mean = quality_map(model, volume, runs=runs, threads=threads).mean
-        names = model.config.class_names
         table.append([case_dice(labels_from_probabilities(mean, cut), truth, names)[0] for cut in CUTS])
         print(f"{case}: " + " ".join(f"{d:.4f}" for d in table[-1]), flush=True)
     return np.array(table)
