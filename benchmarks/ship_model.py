@@ -4,9 +4,10 @@
         --start "stage N-1's final weights (...)" --schedule-note "..." --selected "why it was adopted"
 
 Run it only after benchmarks/adoption.py has accepted the stage. The shipped file keeps its provenance flat: one
-entry per stage (iterations, seconds, recipe, machine, start, log, command), totals over all stages and the new
-weights' validation Dice (model space from the stage's file, native resolution from the end of its log). A stage's
-own file nests every earlier stage under "started_from", which is complete but unreadable in `mednca info`.
+entry per stage (iterations, seconds, recipe, batch size, machine, start, log, command), totals over all stages and
+the new weights' validation Dice (model space from the stage's file, native resolution from the end of its log).
+A stage's own file nests every earlier stage under "started_from", which is complete but unreadable in `mednca info`.
+A stage started from one that was never shipped: ship that one first, then this one.
 The verdict's limits are dropped: they belong to the old weights, and benchmarks/calibrate_quality.py --write sets
 them again from the new model's robustness rows. The script checks that the shipped weights are the stage's.
 """
@@ -51,8 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     candidate = load_model_file(args.stage / "final.safetensors")
     stage = candidate.provenance
     provenance = copy.deepcopy(load_model("hippocampus").provenance)
+    # Every stage up to stage 11 trained at one batch size, kept once at the top; since batches differ, each stage
+    # keeps its own.
+    first_batch = provenance.pop("batch_size", None)
+    for earlier in provenance["stages"]:
+        earlier.setdefault("batch_size", first_batch)
     provenance["stages"].append({
         "iterations": stage["iterations"], "train_seconds": stage["train_seconds"], "recipe": stage["recipe"],
+        "batch_size": stage["batch_size"],
         "processes": f"{stage.get('training_processes', 1)} process(es) (--workers)", "trained_on": stage["trained_on"],
         "start": args.start, "log": f"{args.stage.as_posix()}/train.log", "command": args.command,
         "schedule_note": args.schedule_note, "selected": args.selected,
