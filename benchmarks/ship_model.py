@@ -52,11 +52,6 @@ def main(argv: list[str] | None = None) -> None:
     candidate = load_model_file(args.stage / "final.safetensors")
     stage = candidate.provenance
     provenance = copy.deepcopy(load_model("hippocampus").provenance)
-    # Every stage up to stage 11 trained at one batch size, kept once at the top; since batches differ, each stage
-    # keeps its own.
-    first_batch = provenance.pop("batch_size", None)
-    for earlier in provenance["stages"]:
-        earlier.setdefault("batch_size", first_batch)
     provenance["stages"].append({
         "iterations": stage["iterations"], "train_seconds": stage["train_seconds"], "recipe": stage["recipe"],
         "batch_size": stage["batch_size"],
