@@ -7,7 +7,8 @@ iterations); a checkpoint of another recipe, batch size or model is refused. A f
 logs that model's Dice on the validation probe, the baseline the run's evals compare with. At the end, every
 validation case is segmented at its native resolution and its Dice logged.
 
-    python benchmarks/train_hippocampus.py DATA_DIR OUT_DIR [ITERATIONS] [--init MODEL] [--crop N] [--no-augment]
+    python benchmarks/train_hippocampus.py DATA_DIR OUT_DIR [ITERATIONS] [--init MODEL] [--authors-recipe]
+        [--crop N] [--augment | --no-augment]
         [--artefacts F] [--thick-across F] [--spatial F] [--whole-dice [W]] [--one-class] [--lr LR]
         [--schedule cosine|exponential] [--final-lr-fraction F] [--batch N] [--threads N] [--workers N] [--eval-every N]
         [--eval-slices N] [--snapshots-from N]
@@ -15,6 +16,10 @@ validation case is segmented at its native resolution and its Dice logged.
 --snapshots-from N keeps the weights at every eval from iteration N on as OUT_DIR/snapshot_ITERATION.safetensors,
 for averaging the last checkpoints of a run (it changes nothing in the training, so a run resumes with or
 without it).
+
+--authors-recipe starts from the authors' recipe (``AUTHORS_RECIPE``: lr 1.6e-3, Adam betas 0.5/0.5, exponential
+decay 0.9999 per iteration, no warm-up, no gradient clipping, fc1 at zero in a new model, uniform 16x16 crops, no
+augmentation) instead of ours; every option given changes it as it changes ours (e.g. --augment --artefacts 0.25).
 
 --one-class trains the whole hippocampus as one class (the authors' output), anterior and posterior merged;
 from --init, the two-class model's weights are kept and its first output channel becomes the structure's. It
@@ -50,6 +55,7 @@ from mednca.data import build_slices, load_cases, split_cases
 from mednca.errors import MedNCAError
 from mednca.registry import load_model
 from mednca.training import (
+    AUTHORS_RECIPE,
     HIPPOCAMPUS,
     MEASURED_DICE,
     Recipe,
@@ -125,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=None)
     parser.add_argument("--foreground-crops", type=float, default=None, metavar="SHARE",
                         help="share of crops on a labelled pixel, the rest anywhere (0: uniform, as the authors)")
-    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--authors-recipe", action="store_true",
+                        help="start from the authors' recipe instead of ours (the other options change it)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        help="flips, gamma, contrast, bias field and noise (ours: on; the authors': off)")
     parser.add_argument("--artefacts", type=float, default=None, help="share of slices given an MRI artefact")
     parser.add_argument("--thick-across", type=float, default=None, help="share of slices thickened across slices")
     parser.add_argument("--spatial", type=float, default=None, help="share of slices rotated, scaled and shifted")
@@ -152,11 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers > 1 and args.threads != 1:
         parser.error("--workers runs one thread per process: leave --threads at 1")
     changes = {"crop": args.crop, "foreground_crops": args.foreground_crops, "lr": args.lr,
-               "augment": False if args.no_augment else None,
+               "augment": args.augment,
                "schedule": args.schedule, "final_lr_fraction": args.final_lr_fraction, "artefacts": args.artefacts,
                "thick_across": args.thick_across, "spatial": args.spatial,
                "whole_dice": args.whole_dice}
-    recipe = replace(Recipe(), **{k: v for k, v in changes.items() if v is not None})
+    base = AUTHORS_RECIPE if args.authors_recipe else Recipe()
+    recipe = replace(base, **{k: v for k, v in changes.items() if v is not None})
     init = None if args.init is None else load_model(args.init)
     rebind = {**({"output_channels": 1, "class_names": WHOLE} if args.one_class else {}),
               **({"steps": tuple(args.steps)} if args.steps else {})}
