@@ -1,0 +1,109 @@
+"""Would the neighbouring slices help? A paired measurement from scratch, before any engine work on it.
+
+    python benchmarks/context_slices.py DATA_DIR --arm single|context [--iterations 5000] [--out DIR]
+
+Med-NCA reads one slice: the hippocampus is a 3D structure, and a cell on an unclear outline sees nothing of the
+slices above and below. ``context`` gives the same architecture and parameter count (70,016) the slice and its two
+neighbours as three fixed input channels (29 hidden channels instead of 31); ``single`` is the default's one
+channel. Both arms train from the same seeded weights on the same batches, crops and firing cells (one generator
+drives both), with the default's held-out split, no augmentation (it would need to move the neighbours with the
+slice) and the recipe otherwise the default's. Run the two arms at once, one per core; each logs its probe Dice
+(64x64, 256 held-out slices) to OUT/ARM.log and ends with native whole Dice on the 21 held-out cases (one run, seed 0).
+
+The engine's model files hold one input channel (``model_schema``), so this measurement lifts that check for the
+models it builds and saves none of them: it answers whether 2.5D input is worth building, nothing more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mednca.model
+from mednca.data import SliceSet, build_slices, load_cases, split_cases
+from mednca.preprocess import Preprocessing, prepare_slices, restore_slices
+from mednca.training import HIPPOCAMPUS, Recipe, hard_dice, predict_masks, slice_logits, train_iter
+
+VAL_FRACTION, SEED = 0.1, 0  # the shipped models' split (train_hippocampus.py)
+
+
+def with_neighbours(images: torch.Tensor, case_index: torch.Tensor) -> torch.Tensor:
+    """``[N, 1, h, w]`` slices, in order within each case -> ``[N, 3, h, w]``: the slice before, the slice, the
+    slice after; at a scan's first and last slice the missing neighbour is the slice itself."""
+    n = len(images)
+    i = torch.arange(n)
+    before = torch.where((i > 0) & (case_index[(i - 1).clamp(min=0)] == case_index), i - 1, i)
+    after = torch.where((i < n - 1) & (case_index[(i + 1).clamp(max=n - 1)] == case_index), i + 1, i)
+    return torch.cat([images[before], images, images[after]], dim=1)
+
+
+def native_whole_dice(model, cases, prep: Preprocessing, context: bool) -> list[float]:
+    """Whole-structure Dice of each case at its own resolution, labelled as inference labels (one run, seed 0)."""
+    out = []
+    for case in cases:
+        img = torch.from_numpy(np.moveaxis(case.image.astype(np.float32), prep.axis, 0).copy())
+        inputs = prepare_slices(img, model.config.input_size, prep)
+        if context:
+            inputs = with_neighbours(inputs, torch.zeros(len(inputs), dtype=torch.long))
+        prob = restore_slices(torch.sigmoid(slice_logits(model, inputs, 0)), tuple(img.shape[-2:]))
+        pred = predict_masks(torch.logit(prob.clamp(1e-6, 1 - 1e-6))).any(1)
+        truth = torch.from_numpy(np.moveaxis(case.labels, prep.axis, 0) > 0)
+        out.append(hard_dice(pred.unsqueeze(1), truth.unsqueeze(1), ("whole",))["whole"])
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--arm", choices=("single", "context"), required=True)
+    parser.add_argument("--iterations", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "context_slices")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / f"{args.arm}.log"
+
+    def log(line: str) -> None:
+        with log_path.open("a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+    context = args.arm == "context"
+    if context:  # see the module docstring: a measurement, never a model file
+        mednca.model.check_architecture = lambda d: None
+    config = replace(HIPPOCAMPUS, input_channels=3 if context else 1)
+    prep = Preprocessing()
+    recipe = Recipe(crop=32, augment=False, whole_dice=6.0)
+    cases = load_cases(args.data, prep.orientation)
+    slices = build_slices(cases, config, prep)
+    if context:
+        slices = SliceSet(with_neighbours(slices.images, slices.case_index), slices.labels, slices.case_index,
+                          slices.case_ids)
+    log(f"arm {args.arm}; input channels {config.input_channels}; recipe {recipe}; iterations {args.iterations}; "
+        f"batch {args.batch}; {len(cases)} cases")
+    run = train_iter(slices, config=config, preprocessing=prep, recipe=recipe, iterations=args.iterations,
+                     batch_size=args.batch, val_fraction=VAL_FRACTION, seed=SEED, eval_every=500, eval_slices=256,
+                     log_every=100)
+    try:
+        while True:
+            ev = next(run)
+            if ev.kind == "eval":
+                d = ev.val_dice
+                log(f"it {ev.iteration} probe whole {d['whole']:.4f} anterior {d['anterior']:.4f} "
+                    f"posterior {d['posterior']:.4f} {ev.elapsed:.0f}s")
+    except StopIteration as stop:
+        model = stop.value
+    _, val = split_cases(len(cases), VAL_FRACTION, SEED)
+    held_out = [cases[i] for i in val]
+    dice = native_whole_dice(model, held_out, prep, context)
+    log("native whole Dice, one run: " + " ".join(f"{c.case_id}={x:.4f}" for c, x in zip(held_out, dice, strict=True)))
+    log(f"native whole Dice, mean of {len(dice)} held-out cases: {float(np.mean(dice)):.4f}")
+
+
+if __name__ == "__main__":
+    main()
