@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import mednca.model
-from mednca.data import SliceSet, build_slices, load_cases, split_cases
+from mednca.data import SliceSet, build_slices, load_cases
 from mednca.model import MedNCA, NCAConfig
 from mednca.preprocess import Preprocessing, prepare_slices, restore_slices
 from mednca.registry import load_model
@@ -81,9 +81,9 @@ def native_whole_dice(model, cases, prep: Preprocessing, context: bool) -> list[
         if context:
             inputs = with_neighbours(inputs, torch.zeros(len(inputs), dtype=torch.long))
         prob = restore_slices(torch.sigmoid(slice_logits(model, inputs, 0)), tuple(img.shape[-2:]))
-        pred = predict_masks(torch.logit(prob.clamp(1e-6, 1 - 1e-6))).any(1)
-        truth = torch.from_numpy(np.moveaxis(case.labels, prep.axis, 0) > 0)
-        out.append(hard_dice(pred.unsqueeze(1), truth.unsqueeze(1), ("whole",))["whole"])
+        pred = predict_masks(torch.logit(prob.clamp(1e-6, 1 - 1e-6)))
+        truth = torch.from_numpy(np.moveaxis(case.labels, prep.axis, 0) > 0).unsqueeze(1)
+        out.append(hard_dice(pred, truth, ())["whole"])  # "whole": the union of the predicted classes
     return out
 
 
@@ -135,8 +135,7 @@ def main(argv=None) -> None:
                     f"posterior {d['posterior']:.4f} {ev.elapsed:.0f}s")
     except StopIteration as stop:
         model = stop.value
-    _, val = split_cases(len(cases), VAL_FRACTION, SEED)
-    held_out = [cases[i] for i in val]
+    held_out = [c for c in cases if c.case_id in set(model.provenance["validation_cases"])]
     dice = native_whole_dice(model, held_out, prep, context)
     log("native whole Dice, one run: " + " ".join(f"{c.case_id}={x:.4f}" for c, x in zip(held_out, dice, strict=True)))
     log(f"native whole Dice, mean of {len(dice)} held-out cases: {float(np.mean(dice)):.4f}")
