@@ -56,7 +56,8 @@ ABSURD = [
     ("architecture", "fire_rate", 1.5, "architecture.fire_rate must be a number from 0 to below 1"),
     ("architecture", "fire_rate", "0.5", "architecture.fire_rate must be a number"),
     ("architecture", "output_channels", 3, "architecture.class_names must be a list of 3 distinct names"),
-    ("architecture", "input_channels", 2, "architecture.input_channels must be 1"),
+    ("architecture", "input_channels", 2, "architecture.input_channels must be an odd integer from 1 to 7"),
+    ("architecture", "input_channels", 3, "architecture.input_channels is 3, but preprocessing.context 0"),
     ("architecture", "class_names", ["liver", "liver"], "architecture.class_names must be a list of 2 distinct"),
     ("architecture", "class_names", ["", "tumour"], "architecture.class_names must be"),
     ("architecture", "class_names", ["x" * 65, "tumour"], "architecture.class_names must be"),
@@ -67,6 +68,8 @@ ABSURD = [
     ("preprocessing", "scope", "batch", "preprocessing.scope must be one of slice, volume"),
     ("preprocessing", "orientation", "RAX", "preprocessing.orientation must be three axis codes"),
     ("preprocessing", "orientation", "RRS", "preprocessing.orientation must be three axis codes"),
+    ("preprocessing", "context", -1, "preprocessing.context must be an integer from 0 to 8, got -1"),
+    ("preprocessing", "context", 1, "architecture.input_channels is 1, but preprocessing.context 1 (neighbouring"),
 ]
 
 

@@ -24,6 +24,11 @@ Thick slices *across* the slice axis (the robustness suite's anisotropy along it
 most) need the neighbouring slices: ``thicken_across`` replaces a share of a batch's slices by what a scan
 of 2-5 times the slice spacing shows at their position, a blend of the case's slices around them.
 
+Slices may carry their neighbours as further channels (``preprocess.with_neighbours``). Every change here
+treats them as the same scan would show them: one flip, bias field and deformation for the whole stack, one
+artefact drawn once and put on each, and the thick-slice blend taken at each neighbour's own position. Each
+channel is rescaled on its own, as preprocessing rescales each slice.
+
 Nothing here draws from the generator unless it is used: a recipe without artefacts trains exactly as
 before they existed.
 """
@@ -58,7 +63,13 @@ def augment(
     shift = torch.empty((n, 1, 1, 1)).uniform_(-0.1, 0.1, generator=gen)
     noise = torch.randn(images.shape, generator=gen) * torch.empty((n, 1, 1, 1)).uniform_(0, 0.04, generator=gen)
     x = (images * field).clamp(min=0).pow(gamma) * scale + shift + noise
-    return rescale_percentiles(x, (0.5, 99.5), per_slice=True), labels
+    return rescale_each(x), labels
+
+
+def rescale_each(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` with every channel of every slice rescaled on its own, as ``prepare_slices`` rescales a
+    slice (the neighbours of a slice were prepared as slices in their own right)."""
+    return rescale_percentiles(x.reshape(-1, 1, *x.shape[-2:]), (0.5, 99.5), per_slice=True).view_as(x)
 
 
 def deform(
@@ -100,9 +111,11 @@ def thicken_across(
     case scanned with 2-5 times the slice spacing and interpolated back, as TorchIO's ``RandomAnisotropy``
     does along one axis: every f-th slice is kept (at a random phase) and slice z becomes the linear
     interpolation of the two kept ones around it, at distance w*f below and (1-w)*f above (w uniform).
-    ``slices`` ``[N, 1, H, W]`` holds every slice of every case, each case's slices together and in order,
-    ``case_index`` the case of each; positions beyond a case's ends take its first or last slice. The chosen
-    slices are rescaled to [0, 1]; their labels stay those of ``idx``."""
+    ``slices`` ``[N, C, H, W]`` holds every slice of every case (with its neighbours when ``C`` > 1, the slice
+    itself the centre channel), each case's slices together and in order, ``case_index`` the case of each;
+    the neighbours of a chosen slice are what the same thick scan shows at their positions. Positions beyond a
+    case's ends take its first or last slice, as ``with_neighbours`` does. The chosen slices are rescaled to
+    [0, 1]; their labels stay those of ``idx``."""
     out = slices[idx]
     if rate <= 0:
         return out
@@ -113,16 +126,24 @@ def thicken_across(
     rows = chosen.nonzero().flatten()
     if rows.numel() == 0:
         return out
+    context = slices.shape[1] // 2
+    scan = slices[:, context : context + 1]  # each slice once
     new_case = torch.ones(case_index.shape[0], dtype=torch.bool)
     new_case[1:] = case_index[1:] != case_index[:-1]
     starts = new_case.nonzero().flatten()
     ends = torch.cat((starts[1:], starts.new_tensor([case_index.shape[0]]))) - 1
     run = new_case.cumsum(0)[idx[rows]] - 1  # which case's run of slices each chosen one is in
     first, last = starts[run], ends[run]
-    below = idx[rows] - weight[rows] * factor[rows]
-    blend = (1 - weight[rows]).view(-1, 1, 1, 1) * _at(slices, below, first, last)
-    blend = blend + weight[rows].view(-1, 1, 1, 1) * _at(slices, below + factor[rows], first, last)
-    out[rows] = rescale_percentiles(blend, (0.5, 99.5), per_slice=True)
+    f = factor[rows]
+    kept = idx[rows] - weight[rows] * f  # a kept slice of the thick scan: the one below the chosen slice
+    blends = []
+    for d in range(-context, context + 1):
+        z = (idx[rows] + d).clamp(min=first, max=last)  # the neighbour, as with_neighbours picks it
+        t = weight[rows] + (z - idx[rows]) / f  # where z lies between kept slices, in units of f
+        below = kept + t.floor() * f  # the kept slice at or below z
+        w = (t - t.floor()).view(-1, 1, 1, 1)
+        blends.append((1 - w) * _at(scan, below, first, last) + w * _at(scan, below + f, first, last))
+    out[rows] = rescale_each(torch.cat(blends, dim=1))
     return out
 
 
@@ -136,7 +157,8 @@ def _at(slices: torch.Tensor, position: torch.Tensor, first: torch.Tensor, last:
 
 
 def add_artefacts(images: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
-    """Give each slice of ``images`` ``[N, 1, H, W]`` one random artefact with probability ``rate``; those
+    """Give each slice of ``images`` ``[N, C, H, W]`` one random artefact with probability ``rate``, the same
+    one (drawn once) on each of its channels, as a scan's artefact shows on neighbouring slices too; those
     slices are rescaled to [0, 1] as preprocessing would, the others are returned unchanged."""
     if rate <= 0:
         return images
@@ -145,13 +167,14 @@ def add_artefacts(images: torch.Tensor, rate: float, gen: torch.Generator) -> to
     kinds = torch.randint(len(TRAINING_ARTEFACTS), (n,), generator=gen)
     out = images.clone()
     for i in chosen.nonzero().flatten().tolist():
-        x = apply_artefact(images[i, 0], TRAINING_ARTEFACTS[int(kinds[i])], gen)
-        out[i, 0] = rescale_percentiles(x[None, None], (0.5, 99.5), per_slice=True)[0, 0]
+        x = apply_artefact(images[i], TRAINING_ARTEFACTS[int(kinds[i])], gen)
+        out[i] = rescale_each(x[None])[0]
     return out
 
 
 def apply_artefact(x: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
-    """One artefact (see the module's table) on one slice ``[H, W]``; not rescaled."""
+    """One artefact (see the module's table) on one slice ``[H, W]`` or a stack of slices ``[C, H, W]``, its
+    random settings drawn once for the stack (noise excepted: it differs from slice to slice); not rescaled."""
     return _ARTEFACTS[name](x, gen)
 
 
@@ -159,57 +182,69 @@ def _uniform(lo: float, hi: float, gen: torch.Generator) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=gen))
 
 
+def _fft(x: torch.Tensor) -> torch.Tensor:
+    """The centred 2D spectrum of each slice of ``[..., H, W]``."""
+    return torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+
+
+def _ifft(spectrum: torch.Tensor) -> torch.Tensor:
+    return torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1)))
+
+
+def _planes(x: torch.Tensor) -> torch.Tensor:
+    """``[..., H, W]`` as ``[N, 1, H, W]``, for the 2D operations of torch.nn.functional."""
+    return x.reshape(-1, 1, *x.shape[-2:])
+
+
 def _spike(x, gen):
-    h, w = x.shape
+    h, w = x.shape[-2:]
     while True:
         ky, kx = (int(torch.randint(-s // 2, s // 2 + 1, (), generator=gen)) for s in (h, w))
         if ky or kx:
             break
     yy, xx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
     phase = 2 * math.pi * (ky * yy / h + kx * xx / w) + _uniform(0, 2 * math.pi, gen)
-    return x + _uniform(0.25, 1.0, gen) * x.mean() * torch.cos(phase)
+    return x + _uniform(0.25, 1.0, gen) * x.mean((-2, -1), keepdim=True) * torch.cos(phase)
 
 
 def _ghosting(x, gen):
     axis = int(torch.randint(2, (), generator=gen))
     every = int(torch.randint(4, 7, (), generator=gen))
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x))
-    centre = x.shape[axis] // 2
-    lines = torch.zeros(x.shape[axis], dtype=torch.bool)
+    size = x.shape[axis - 2]
+    lines = torch.zeros(size, dtype=torch.bool)
     lines[::every] = True
-    lines[centre] = False
+    lines[size // 2] = False  # the centre of k-space
     factor = torch.where(lines, 1 - _uniform(0.5, 2.0, gen), 1.0)
-    spectrum = spectrum * (factor[:, None] if axis == 0 else factor[None, :])
-    return torch.fft.ifft2(torch.fft.ifftshift(spectrum)).real
+    return _ifft(_fft(x) * (factor[:, None] if axis == 0 else factor[None, :])).real
 
 
 def _motion(x, gen):
-    h, w = x.shape
+    h, w = x.shape[-2:]
     axis = int(torch.randint(2, (), generator=gen))
     segments = int(torch.randint(2, 5, (), generator=gen))
-    cuts = sorted(torch.randperm(x.shape[axis] - 1, generator=gen)[: segments - 1].add(1).tolist())
-    bounds = [0, *cuts, x.shape[axis]]
+    cuts = sorted(torch.randperm(x.shape[axis - 2] - 1, generator=gen)[: segments - 1].add(1).tolist())
+    bounds = [0, *cuts, x.shape[axis - 2]]
     moved = torch.empty(x.shape, dtype=torch.complex64 if x.dtype == torch.float32 else torch.complex128)
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         angle = math.radians(_uniform(-10, 10, gen))
         shift = [_uniform(-0.2, 0.2, gen) for _ in range(2)]  # affine_grid units: 0.2 is 10% of the width
         theta = torch.tensor([[math.cos(angle), -math.sin(angle), shift[0]],
                               [math.sin(angle), math.cos(angle), shift[1]]], dtype=x.dtype)
-        grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
-        view = F.grid_sample(x[None, None], grid, padding_mode="border", align_corners=False)[0, 0]
-        part = torch.fft.fftshift(torch.fft.fft2(view))
-        index = (slice(start, stop), slice(None)) if axis == 0 else (slice(None), slice(start, stop))
-        moved[index] = part[index]
-    return torch.fft.ifft2(torch.fft.ifftshift(moved)).abs()
+        planes = _planes(x)
+        grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False).expand(len(planes), -1, -1, -1)
+        view = F.grid_sample(planes, grid, padding_mode="border", align_corners=False).view_as(x)
+        index = (..., slice(start, stop), slice(None)) if axis == 0 else (..., slice(start, stop))
+        moved[index] = _fft(view)[index]
+    return _ifft(moved).abs()
 
 
 def _thick(x, gen):
     axis = int(torch.randint(2, (), generator=gen))
-    size = list(x.shape)
+    size = list(x.shape[-2:])
     coarse = max(2, round(size[axis] / _uniform(2.0, 5.0, gen)))
     down = [coarse if a == axis else s for a, s in enumerate(size)]
-    low = F.interpolate(x[None, None], size=down, mode="area")
-    return F.interpolate(low, size=size, mode="bilinear", align_corners=False)[0, 0]
+    low = F.interpolate(_planes(x), size=down, mode="area")
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False).view_as(x)
 
 
 def _blur(x, gen):
@@ -218,9 +253,9 @@ def _blur(x, gen):
     taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (taps / std) ** 2)
     kernel = kernel / kernel.sum()
-    y = F.pad(x[None, None], (radius, radius, radius, radius), mode="replicate")
+    y = F.pad(_planes(x), (radius, radius, radius, radius), mode="replicate")
     y = F.conv2d(y, kernel.view(1, 1, 1, -1))
-    return F.conv2d(y, kernel.view(1, 1, -1, 1))[0, 0]
+    return F.conv2d(y, kernel.view(1, 1, -1, 1)).view_as(x)
 
 
 def _noise(x, gen):

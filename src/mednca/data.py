@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .errors import MedNCAError
 from .model import NCAConfig
 from .orientation import Reorientation
-from .preprocess import Preprocessing, prepare_slices
+from .preprocess import Preprocessing, scan_inputs
 from .volume import Volume, check_labels, image_array, read_volume
 
 Pair = tuple["Volume | str | os.PathLike", "Volume | str | os.PathLike"]
@@ -40,8 +40,9 @@ class Case:
 
 @dataclass
 class SliceSet:
-    """Model-space slices of several cases: ``images [N, 1, h, w]`` float32 in [0, 1], ``labels [N, K, h, w]``
-    uint8 one-hot for classes 1..K, and the case each slice came from (an index into ``case_ids``)."""
+    """Model-space slices of several cases: ``images [N, C, h, w]`` float32 in [0, 1] (the model's inputs: the
+    slice, or the slice in the centre of its ``C // 2`` neighbours on each side), ``labels [N, K, h, w]`` uint8
+    one-hot for classes 1..K, and the case each slice came from (an index into ``case_ids``)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -163,16 +164,15 @@ def _dataset_index(folder: str | os.PathLike) -> dict:
 def case_slices(
     image: np.ndarray, labels: np.ndarray, config: NCAConfig, prep: Preprocessing
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One volume in the model's orientation -> model inputs ``[n, 1, h, w]`` and one-hot labels
-    ``[n, K, h, w]`` (uint8), slicing along ``prep.axis``. With one output class, every label > 0 is
-    foreground (the whole structure)."""
+    """One volume in the model's orientation -> model inputs ``[n, prep.input_channels, h, w]`` (each slice with
+    its neighbours, as inference prepares them) and one-hot labels ``[n, K, h, w]`` (uint8), slicing along
+    ``prep.axis``. With one output class, every label > 0 is foreground (the whole structure)."""
     k = config.output_channels
     top = int(labels.max(initial=0))
     if k > 1 and top > k:
         raise MedNCAError(f"the labels hold class {top}, but the model has only {k} output classes")
-    img = torch.from_numpy(np.moveaxis(np.asarray(image, np.float32), prep.axis, 0).copy())
     lab = torch.from_numpy(np.moveaxis(np.asarray(labels), prep.axis, 0).astype(np.int64))
-    inputs = prepare_slices(img, config.input_size, prep)
+    inputs = scan_inputs(np.asarray(image, np.float32), prep.axis, config.input_size, prep)
     classes = torch.arange(1, k + 1).view(1, k, 1, 1)
     onehot = (lab.unsqueeze(1) > 0) if k == 1 else (lab.unsqueeze(1) == classes)
     onehot = F.interpolate(onehot.to(torch.uint8), size=config.input_size, mode="nearest")

@@ -163,17 +163,17 @@ def finetune_iter(
     """
     overrides = {"iterations": iterations, "lr": lr, "batch_size": batch_size}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    chosen, axis, n, image, target = _annotated(model, volume, labels, slices)
-    inputs, onehot = case_slices(image, target, model.config, model.preprocessing)
-    onehot = onehot.float()
+    chosen, axis, n, image, target, rows = _annotated(model, volume, labels, slices)
+    inputs, onehot = case_slices(image, target, model.config, model.preprocessing)  # each with its neighbours
+    inputs, onehot = inputs[rows], onehot[rows].float()
 
     t0 = time.perf_counter()
-    before = native_dice(model, image, target, seed)
+    before = native_dice(model, image, target, seed, rows)
     tuned, losses = yield from _tune(model, inputs, onehot, settings, [seed], "step", t0)
-    after = native_dice(tuned, image, target, seed)
-    held_out = yield from _cross_validate(model, image, target, inputs, onehot, settings, seed, t0)
-    estimate_before = _dice(_overlap(model, image, target, seed, settings.runs))
-    learned = _dice(_overlap(tuned, image, target, seed, settings.runs))
+    after = native_dice(tuned, image, target, seed, rows)
+    held_out = yield from _cross_validate(model, image, target, rows, inputs, onehot, settings, seed, t0)
+    estimate_before = _dice(_overlap(model, image, target, rows, seed, settings.runs))
+    learned = _dice(_overlap(tuned, image, target, rows, seed, settings.runs))
     estimate = None
     if held_out is not None:
         estimate = held_out + settings.carry * _proximity(chosen, n) * (learned - held_out)
@@ -204,10 +204,11 @@ def finetune(model: MedNCA, volume: Volume, labels, slices: Sequence[int] | None
 
 def _annotated(
     model: MedNCA, volume: Volume, labels, slices
-) -> tuple[list[int], int, int, np.ndarray, np.ndarray]:
-    """The slices to learn from (scan indices along the model's plane), that axis, its number of slices, and
-    the image and labels of those slices in the model's orientation and slice order; refuses labels that do
-    not fit."""
+) -> tuple[list[int], int, int, np.ndarray, np.ndarray, list[int]]:
+    """The slices to learn from (scan indices along the model's plane), that axis, its number of slices, the
+    whole image and labels in the model's orientation (a slice is prepared with its neighbours and its scan's
+    statistics), and the slices to learn from as indices along the model's axis, in its order; refuses labels
+    that do not fit."""
     lab = check_labels(labels, volume)
     k = model.config.output_channels
     top = int(lab.max(initial=0))
@@ -227,10 +228,7 @@ def _annotated(
     if bad:
         raise MedNCAError(f"slices {bad} lie outside the volume (axis {axis} has {n} slices)")
     in_model = sorted(n - 1 - s if reorientation.reversed(axis) else s for s in chosen)  # model's slice order
-    model_axis = model.preprocessing.axis
-    image = np.take(reorientation.to_model(image_array(volume)), in_model, axis=model_axis)
-    target = np.take(reorientation.to_model(lab), in_model, axis=model_axis)
-    return chosen, axis, n, image, target
+    return chosen, axis, n, reorientation.to_model(image_array(volume)), reorientation.to_model(lab), in_model
 
 
 def _tune(
@@ -275,8 +273,8 @@ def _tune(
 
 
 def _cross_validate(
-    model: MedNCA, image: np.ndarray, target: np.ndarray, inputs: torch.Tensor, onehot: torch.Tensor,
-    settings: FinetuneSettings, seed: int, t0: float,
+    model: MedNCA, image: np.ndarray, target: np.ndarray, rows: list[int], inputs: torch.Tensor,
+    onehot: torch.Tensor, settings: FinetuneSettings, seed: int, t0: float,
 ) -> Generator[TrainEvent, None, float | None]:
     """Whole-structure Dice on annotated slices of models trained without them: the slices are dealt into at
     most ``settings.folds`` groups (slice i to group i mod k, so each group spans the structure and its
@@ -286,23 +284,25 @@ def _cross_validate(
     k = min(settings.folds, n)
     if k < 2:
         return None
-    axis = model.preprocessing.axis
     total = np.zeros(2)
     for fold in range(k):
         held = list(range(fold, n, k))
         rest = [i for i in range(n) if i % k != fold]
         fold_model, _ = yield from _tune(model, inputs[rest], onehot[rest], settings, [seed, fold + 1], "fold", t0,
                                          fold * settings.iterations, k * settings.iterations)
-        total += _overlap(fold_model, np.take(image, held, axis), np.take(target, held, axis), seed, settings.runs)
+        total += _overlap(fold_model, image, target, [rows[i] for i in held], seed, settings.runs)
     return _dice(total)
 
 
-def _overlap(model: MedNCA, image: np.ndarray, target: np.ndarray, seed: int, runs: int) -> np.ndarray:
-    """Twice the overlap and the total size of predicted and true structure (all classes together), summed
-    over ``runs`` stochastic runs: Dice pooled over runs is steadier than one run's."""
+def _overlap(
+    model: MedNCA, image: np.ndarray, target: np.ndarray, rows: list[int], seed: int, runs: int
+) -> np.ndarray:
+    """Twice the overlap and the total size of predicted and true structure (all classes together) on the
+    slices ``rows`` (indices along the model's axis), summed over ``runs`` stochastic runs: Dice pooled over
+    runs is steadier than one run's."""
     total = np.zeros(2)
     for run in range(runs):
-        pred, truth = native_masks(model, image, target, seed + run)
+        pred, truth = native_masks(model, image, target, seed + run, rows)
         pred, truth = pred.any(1), truth.any(1)
         total += (2 * (pred & truth).sum().item(), pred.sum().item() + truth.sum().item())
     return total

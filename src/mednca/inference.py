@@ -20,7 +20,7 @@ import torch
 
 from .model import MedNCA
 from .orientation import Reorientation
-from .preprocess import prepare_slices, restore_slices
+from .preprocess import restore_slices, scan_inputs
 from .progress import Progress, run_to_end
 from .quality import (
     QualityCriteria,
@@ -147,24 +147,20 @@ def slice_axis(model: MedNCA, volume: Volume) -> int:
 
 
 def _model_inputs(model: MedNCA, volume: Volume, axis: int | None) -> tuple[torch.Tensor, SliceGeometry]:
-    """All slices of the scan, brought to the model's orientation and prepared as its metadata says:
-    ``[S, 1, h, w]`` in the model's slice order, and the geometry to map results back. ``axis`` is a scan
-    axis; None means the model's own plane."""
+    """All slices of the scan, brought to the model's orientation and prepared as its metadata says (each with
+    its neighbours along the slicing axis, for a model that reads them): ``[S, input_channels, h, w]`` in the
+    model's slice order, and the geometry to map results back. ``axis`` is a scan axis; None means the model's
+    own plane."""
     if axis is not None and axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
     cfg, prep = model.config, model.preprocessing
     reorientation = Reorientation.between(volume.affine, prep.orientation)
     scan_axis = reorientation.scan_axis(prep.axis) if axis is None else axis
     model_axis = reorientation.model_axis(scan_axis)
-    slices = np.moveaxis(reorientation.to_model(image_array(volume)), model_axis, 0)
-    if prep.scope == "volume":
-        inputs = prepare_slices(torch.from_numpy(np.ascontiguousarray(slices)), cfg.input_size, prep)
-    else:  # per-slice statistics: prepare in chunks, so a large scan is never copied whole
-        inputs = torch.cat([
-            prepare_slices(torch.from_numpy(np.ascontiguousarray(slices[i : i + 64])), cfg.input_size, prep)
-            for i in range(0, len(slices), 64)
-        ])
-    return inputs, SliceGeometry(reorientation, scan_axis, model_axis, volume.shape, tuple(slices.shape[1:]))
+    array = reorientation.to_model(image_array(volume))
+    inputs = scan_inputs(array, model_axis, cfg.input_size, prep)
+    native = tuple(int(d) for d in np.delete(array.shape, model_axis))
+    return inputs, SliceGeometry(reorientation, scan_axis, model_axis, volume.shape, native)
 
 
 def _outputs(model: MedNCA, state: torch.Tensor) -> torch.Tensor:

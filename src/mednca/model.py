@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model_schema import check_architecture
+from .model_schema import check_architecture, check_inputs
 from .preprocess import Preprocessing
 from .step_paths import GEMM_ROWS, choose_path
 
@@ -184,8 +184,10 @@ class MedNCA(nn.Module):
         elif overrides:
             config = NCAConfig(**{**config.to_dict(), **overrides})
         self.config = config
-        # How inputs must be prepared and where the weights came from travel with the weights.
-        self.preprocessing = preprocessing or Preprocessing()
+        # How inputs must be prepared and where the weights came from travel with the weights; without a
+        # preprocessing, the defaults with as many neighbouring slices as the input channels hold.
+        self.preprocessing = preprocessing or Preprocessing(context=(config.input_channels - 1) // 2)
+        check_inputs(config.input_channels, self.preprocessing.context)
         self.provenance = dict(provenance or {})
         self.backbones = nn.ModuleList(NCALevel(config.channels, config.hidden) for _ in range(config.levels))
 

@@ -18,7 +18,7 @@ import math
 import re
 
 from .errors import MedNCAError
-from .preprocess import RESIZE_MODES, SCOPES, is_axis_codes
+from .preprocess import MAX_CONTEXT, RESIZE_MODES, SCOPES, is_axis_codes
 
 MAX_CHANNELS = 1024
 MAX_HIDDEN = 4096
@@ -61,6 +61,7 @@ def check_metadata(meta: object) -> None:
     fields.check("sha256", "64 lowercase hex digits", lambda v: isinstance(v, str) and bool(_HEX_DIGEST.match(v)))
     check_architecture(meta["architecture"])
     check_preprocessing(meta["preprocessing"])
+    check_inputs(meta["architecture"]["input_channels"], meta["preprocessing"].get("context", 0))
 
 
 def check_architecture(arch: object) -> None:
@@ -69,9 +70,11 @@ def check_architecture(arch: object) -> None:
     f = _Fields("architecture", "architecture.", arch, ARCHITECTURE_FIELDS)
     channels = f.integer("channels", 2, MAX_CHANNELS)
     f.integer("hidden", 1, MAX_HIDDEN)
-    f.check("input_channels", "1 (scans are segmented one intensity channel at a time)",
-            lambda v: _is_int(v) and v == 1)
-    outputs = f.integer("output_channels", 1, min(MAX_CLASSES, channels - 1))
+    most = min(1 + 2 * MAX_CONTEXT, channels - 1)
+    inputs = f.check("input_channels", f"an odd integer from 1 to {most} (the slice and as many neighbouring slices "
+                     "on each side, leaving a channel for the output)",
+                     lambda v: _is_int(v) and v % 2 == 1 and 1 <= v <= most)
+    outputs = f.integer("output_channels", 1, min(MAX_CLASSES, channels - inputs))
     levels = f.integer("levels", 1, MAX_LEVELS)
     f.check("steps", f"a list of {levels} integers from 1 to {MAX_STEPS}, one per level",
             lambda v: _int_list(v, levels, 1, MAX_STEPS))
@@ -89,8 +92,8 @@ def check_architecture(arch: object) -> None:
 
 def check_preprocessing(prep: object) -> None:
     """A preprocessing (``Preprocessing.to_dict()``); ``orientation`` may be absent (files written before it
-    existed mean "RAS")."""
-    f = _Fields("preprocessing", "preprocessing.", prep, PREPROCESSING_FIELDS, optional=("orientation",))
+    existed mean "RAS"), and so may ``context`` (absent: the slice alone)."""
+    f = _Fields("preprocessing", "preprocessing.", prep, PREPROCESSING_FIELDS, optional=("orientation", "context"))
     f.check("axis", "0, 1 or 2", lambda v: _is_int(v) and v in (0, 1, 2))
     f.check("resize", f"one of {', '.join(RESIZE_MODES)}", lambda v: isinstance(v, str) and v in RESIZE_MODES)
     f.check("percentiles", "two numbers, 0 <= low < high <= 100",
@@ -98,6 +101,16 @@ def check_preprocessing(prep: object) -> None:
     f.check("scope", f"one of {', '.join(SCOPES)}", lambda v: isinstance(v, str) and v in SCOPES)
     if "orientation" in prep:
         f.check("orientation", "three axis codes, one of each pair L/R, A/P, S/I (e.g. 'RAS')", is_axis_codes)
+    if "context" in prep:
+        f.integer("context", 0, MAX_CONTEXT)
+
+
+def check_inputs(input_channels: int, context: int) -> None:
+    """A model reads the slice and ``context`` neighbours on each side, so its architecture has
+    1 + 2 x ``context`` input channels; anything else would feed its weights the wrong images."""
+    if input_channels != 1 + 2 * context:
+        raise SchemaError(f"architecture.input_channels is {input_channels}, but preprocessing.context {context} "
+                          f"(neighbouring slices on each side) gives {1 + 2 * context} input channels")
 
 
 def reference_settings(cfg: dict) -> dict:

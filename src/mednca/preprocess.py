@@ -3,18 +3,25 @@
 A model records how its inputs were prepared (``Preprocessing``, saved in its checkpoint), so inference
 prepares a new scan exactly as the training data was. The reference hippocampus model resizes each slice
 to 64x64 (bicubic, aspect ratio not kept) and rescales each slice between its 0.5 and 99.5 percentiles.
+
+A model may also read the slices on either side of the one it segments (``Preprocessing.context``): the
+hippocampus is a 3D structure, and a cell on an unclear outline sees nothing of the slices above and below.
+Each neighbour is prepared as the slice itself is and stacked as an input channel, in the model's slice order,
+so "before" is the same side of the body whatever order the scan is stored in.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 RESIZE_MODES = ("bicubic", "bilinear", "nearest", "area")
 AXIS_PAIRS = ("LR", "AP", "SI")
 SCOPES = ("slice", "volume")
+MAX_CONTEXT = 8  # neighbours on each side: 17 input channels at most
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,9 @@ class Preprocessing:
     right, j anterior, k superior); every scan is brought to it before slicing, and ``axis`` is the axis of
     that orientation the model slices along (2 in RAS: axial slices). Model files written before the field
     existed were all trained on the MSD hippocampus data, which is stored RAS, hence the default.
+
+    ``context`` is the number of neighbouring slices on each side the model reads with the slice (0: the
+    slice alone, as the authors' model); the model then has ``input_channels`` = 1 + 2 x ``context``.
     """
 
     axis: int = 2
@@ -32,6 +42,12 @@ class Preprocessing:
     percentiles: tuple[float, float] = (0.5, 99.5)
     scope: str = "slice"
     orientation: str = "RAS"
+    context: int = 0
+
+    @property
+    def input_channels(self) -> int:
+        """Input channels a model prepared this way reads: the slice and ``context`` neighbours on each side."""
+        return 1 + 2 * self.context
 
     def __post_init__(self):
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
@@ -49,10 +65,16 @@ class Preprocessing:
                 f"orientation must be three axis codes, one of each pair L/R, A/P, S/I (e.g. 'RAS'), "
                 f"got {self.orientation!r}"
             )
+        if isinstance(self.context, bool) or not isinstance(self.context, int) or not 0 <= self.context <= MAX_CONTEXT:
+            raise ValueError(f"context must be an integer from 0 to {MAX_CONTEXT}, got {self.context!r}")
 
     def to_dict(self) -> dict:
+        """The fields a model file records; ``context`` only when the model reads neighbours, so the files of
+        one-slice models stay as earlier versions wrote and read them."""
         d = asdict(self)
         d["percentiles"] = list(self.percentiles)
+        if not self.context:
+            del d["context"]
         return d
 
     @classmethod
@@ -98,6 +120,31 @@ def prepare_slices(slices: torch.Tensor, size: tuple[int, int], prep: Preprocess
     """Native slices ``[N, H, W]`` (float) -> model inputs ``[N, 1, *size]`` in [0, 1]."""
     x = resize_slices(slices.unsqueeze(1), size, prep.resize)
     return rescale_percentiles(x, prep.percentiles, per_slice=prep.scope == "slice")
+
+
+def with_neighbours(inputs: torch.Tensor, context: int) -> torch.Tensor:
+    """Prepared slices of one scan ``[S, 1, h, w]``, in the model's slice order -> ``[S, 1 + 2*context, h, w]``:
+    channel ``context + d`` holds the slice ``d`` places on (``d`` from ``-context`` to ``context``, the slice
+    itself in the centre). Beyond the scan's first and last slice the nearest slice stands in, as a scan's
+    edge is usually empty background."""
+    if context == 0:
+        return inputs
+    n = inputs.shape[0]
+    index = (torch.arange(n)[:, None] + torch.arange(-context, context + 1)[None, :]).clamp_(0, n - 1)
+    return inputs[:, 0][index]
+
+
+def scan_inputs(array: np.ndarray, axis: int, size: tuple[int, int], prep: Preprocessing) -> torch.Tensor:
+    """One scan (float array in the model's orientation) sliced along ``axis`` -> model inputs
+    ``[S, prep.input_channels, *size]`` in slice order: each slice prepared, then stacked with its neighbours.
+    With per-slice statistics the slices are prepared 64 at a time, so a large scan is never copied whole."""
+    slices = np.moveaxis(array, axis, 0)
+    step = len(slices) if prep.scope == "volume" else 64
+    inputs = torch.cat([
+        prepare_slices(torch.from_numpy(np.ascontiguousarray(slices[i : i + step], np.float32)), size, prep)
+        for i in range(0, len(slices), step)
+    ])
+    return with_neighbours(inputs, prep.context)
 
 
 def restore_slices(prob: torch.Tensor, native_size: tuple[int, int]) -> torch.Tensor:

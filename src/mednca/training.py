@@ -47,7 +47,8 @@ from .data import (
 from .data_parallel import BatchShare, join, start_workers
 from .errors import CheckpointError, MedNCAError
 from .model import MedNCA, NCAConfig
-from .preprocess import Preprocessing
+from .model_schema import check_inputs
+from .preprocess import Preprocessing, restore_slices, scan_inputs
 from .progress import run_to_end
 from .staging import staged_file
 from .step_paths import cpu_name
@@ -284,27 +285,31 @@ def validation_dice(model: MedNCA, slices: SliceSet, seed: int = 0) -> dict[str,
 
 @torch.no_grad()
 def native_masks(
-    model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0
+    model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0, slices: Sequence[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true boolean masks ``[N, K, h, w]`` of one volume (arrays in the model's orientation, as
     ``load_cases`` gives them) at its own resolution, predicted as inference does (probabilities resized
-    bilinear to the native slice size, then labelled)."""
-    from .preprocess import prepare_slices, restore_slices
-
+    bilinear to the native slice size, then labelled). ``slices`` (indices along the model's axis, default all)
+    picks the slices to predict; they are prepared within the whole volume, so they read their real
+    neighbours and the volume's statistics."""
     axis = model.preprocessing.axis
-    img = torch.from_numpy(np.moveaxis(np.asarray(image, np.float32), axis, 0).copy())
-    inputs = prepare_slices(img, model.config.input_size, model.preprocessing)
-    prob = restore_slices(torch.sigmoid(slice_logits(model, inputs, seed)), tuple(img.shape[-2:]))
-    pred = predict_masks(torch.logit(prob.clamp(1e-6, 1 - 1e-6)))
+    inputs = scan_inputs(image, axis, model.config.input_size, model.preprocessing)
     lab = torch.from_numpy(np.moveaxis(np.asarray(labels), axis, 0).astype(np.int64)).unsqueeze(1)
+    if slices is not None:
+        inputs, lab = inputs[list(slices)], lab[list(slices)]
+    prob = restore_slices(torch.sigmoid(slice_logits(model, inputs, seed)), tuple(lab.shape[-2:]))
+    pred = predict_masks(torch.logit(prob.clamp(1e-6, 1 - 1e-6)))
     k = model.config.output_channels
     target = (lab > 0) if k == 1 else lab == torch.arange(1, k + 1).view(1, k, 1, 1)
     return pred, target
 
 
-def native_dice(model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """Dice of one volume (arrays in the model's orientation) at its own resolution (see ``native_masks``)."""
-    return hard_dice(*native_masks(model, image, labels, seed), model.config.class_names)
+def native_dice(
+    model: MedNCA, image: np.ndarray, labels: np.ndarray, seed: int = 0, slices: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Dice of one volume (arrays in the model's orientation) at its own resolution, over ``slices`` (default
+    all; see ``native_masks``)."""
+    return hard_dice(*native_masks(model, image, labels, seed, slices), model.config.class_names)
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -391,6 +396,7 @@ def train_iter(
     if not 1 <= workers <= batch_size:
         raise MedNCAError(f"training needs 1 to batch size ({batch_size}) worker processes, not {workers}")
     prep = preprocessing or Preprocessing()
+    check_inputs(config.input_channels, prep.context)  # before the data are read, not after
     slices = _prepare_data(data, config, prep)
     train_cases, val_cases = split_cases(len(slices.case_ids), val_fraction, seed)
     train, val = slices.subset(train_cases), slices.subset(val_cases)
