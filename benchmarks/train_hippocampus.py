@@ -53,6 +53,7 @@ import torch
 from mednca.checkpoint import load_model_file, save_model
 from mednca.data import build_slices, load_cases, split_cases
 from mednca.errors import MedNCAError
+from mednca.preprocess import Preprocessing
 from mednca.registry import load_model
 from mednca.training import (
     AUTHORS_RECIPE,
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="add the whole structure's Dice to the loss, weighing W times a class's (default 1)")
     parser.add_argument("--one-class", action="store_true",
                         help="train the whole structure as one class (anterior and posterior merged)")
+    parser.add_argument("--context", type=int, default=0, metavar="N",
+                        help="a new model reads N neighbouring slices on each side (--init: the model's own)")
     parser.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
                         help="NCA steps per level, coarse first (the model keeps them for inference)")
     parser.add_argument("--lr", type=float, default=None)
@@ -168,9 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     base = AUTHORS_RECIPE if args.authors_recipe else Recipe()
     recipe = replace(base, **{k: v for k, v in changes.items() if v is not None})
     init = None if args.init is None else load_model(args.init)
+    if init is not None and args.context not in (0, init.preprocessing.context):
+        parser.error(f"--init {args.init} reads {init.preprocessing.context} neighbouring slices on each side")
     rebind = {**({"output_channels": 1, "class_names": WHOLE} if args.one_class else {}),
               **({"steps": tuple(args.steps)} if args.steps else {})}
-    config = replace(HIPPOCAMPUS, **rebind)
+    config = replace(HIPPOCAMPUS, **rebind, input_channels=1 + 2 * args.context)
     if init is not None and rebind:
         init.config = replace(init.config, **rebind)
     state = out / "training_state.safetensors"
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{fmt(baseline_probe_dice(init, cases, args.eval_slices))} (the starting model {args.init})")
     gen = train_iter(
         cases, config=config, recipe=recipe, iterations=args.iterations, batch_size=args.batch,
-        val_fraction=VAL_FRACTION, seed=SEED, checkpoint_path=state, checkpoint_every=250, resume=True,
+        preprocessing=Preprocessing(context=args.context), val_fraction=VAL_FRACTION, seed=SEED,
+        checkpoint_path=state, checkpoint_every=250, resume=True,
         eval_every=args.eval_every, eval_slices=args.eval_slices, best_path=out / "best.safetensors",
         provenance=DATA_NOTE, log_every=100, init_model=init, workers=args.workers,
     )

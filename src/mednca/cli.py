@@ -25,12 +25,13 @@ from tqdm import tqdm
 from .artefacts import ARTEFACTS, CLEAN, parse_artefacts
 from .batch import Job, batch_summary, find_scans, plan
 from .checkpoint import read_metadata, save_model
-from .data import data_pairs
+from .data import data_pairs, dataset_config
 from .errors import MedNCAError
 from .evaluation import EvaluationReport, ScoreTable, evaluate_iter, select_cases
 from .finetuning import FINETUNE, finetune_iter
 from .inference import quality_iter, segment_iter, torch_threads
 from .orientation import PLANE_NAMES, axis_codes, axis_of_plane, plane_of
+from .preprocess import MAX_CONTEXT, Preprocessing
 from .progress import run_to_end
 from .registry import DEFAULT_MODEL, list_models, load_model, resolve
 from .report import ReportFile, failure_row, result_row
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spatial", type=fraction, default=None, metavar="SHARE",
                    help="rotate (up to 15 degrees), scale (0.9-1.1 per axis) and shift this share of the training "
                         "slices with their labels, for structures in other poses and crops (default: 0)")
+    p.add_argument("--context", type=whole_number(0, MAX_CONTEXT), default=None, metavar="N",
+                   help="a new model reads N neighbouring slices on each side with the slice it segments (default: 0, "
+                        "the slice alone; a model given by --init keeps its own)")
     p.add_argument("--threads", type=whole_number(1), default=None, help=THREADS_HELP)
     p.add_argument("--workers", type=whole_number(1), default=1, metavar="N",
                    help="share every batch among N processes of one thread each (the same training up to rounding; "
@@ -655,6 +659,13 @@ def cmd_train(args) -> int:
     )
     if args.init is not None:
         options["init_model"] = load_model(args.init)
+        have = options["init_model"].preprocessing.context
+        if args.context is not None and args.context != have:
+            raise MedNCAError(f"--init {args.init} reads {have} neighbouring slices on each side, not --context "
+                              f"{args.context}: a model keeps the inputs it was trained on")
+    elif args.context:
+        options["preprocessing"] = Preprocessing(context=args.context)
+        options["config"] = replace(dataset_config(args.data), input_channels=1 + 2 * args.context)
     recipe = AUTHORS_RECIPE if args.authors_recipe else Recipe()
     if args.crop is not None:
         recipe = replace(recipe, crop=args.crop)
@@ -780,7 +791,7 @@ def _resume_command(args, checkpoint: Path) -> str:
         parts += ["--workers", str(args.workers)]
     for flag, value in (("--lr", args.lr), ("--init", args.init), ("--best", args.best), ("--crop", args.crop),
                         ("--artefacts", args.artefacts), ("--thick-across", args.thick_across),
-                        ("--spatial", args.spatial)):
+                        ("--spatial", args.spatial), ("--context", args.context)):
         if value is not None:
             parts += [flag, str(value)]
     parts += [flag for flag, on in (("--authors-recipe", args.authors_recipe), ("--no-augment", args.no_augment)) if on]
