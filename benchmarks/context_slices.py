@@ -14,8 +14,9 @@ slice) and the recipe otherwise the default's. Run the two arms at once, one per
 ``OUT/warm_ARM.log``): ``context`` gets its weights by ``widen``, which moves the state's channels up by two for
 the neighbours (their weights at zero) and drops the two hidden channels whose removal costs the default least.
 
-The engine's model files hold one input channel (``model_schema``), so this measurement lifts that check for the
-models it builds and saves none of them: it answers whether 2.5D input is worth building, nothing more.
+It was written before the engine read neighbours and answered whether that was worth building; it now builds the
+``context`` arm with the engine's own ``Preprocessing(context=1)``, which stacks the channels in the same order
+(the slice before, the slice, the slice after; at a scan's ends the slice itself stands in). It saves no model.
 """
 
 from __future__ import annotations
@@ -28,26 +29,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import mednca.model
-from mednca.data import SliceSet, build_slices, load_cases
+from mednca.data import build_slices, load_cases
 from mednca.model import MedNCA, NCAConfig
-from mednca.preprocess import Preprocessing, prepare_slices, restore_slices
+from mednca.preprocess import Preprocessing
 from mednca.registry import load_model
-from mednca.training import HIPPOCAMPUS, Recipe, hard_dice, predict_masks, slice_logits, train_iter
+from mednca.training import HIPPOCAMPUS, Recipe, native_dice, train_iter
 
 VAL_FRACTION, SEED = 0.1, 0  # the shipped models' split (train_hippocampus.py)
 DROPPED = (3, 26)  # hidden channels of the stage-16 default that cost least when zeroed: probe 0.8851 -> 0.8821
 
 
 def widen(model: MedNCA, config: NCAConfig) -> MedNCA:
-    """``model`` (one input channel) rewired to read three, in ``with_neighbours``'s order: its image channel
+    """``model`` (one input channel) rewired to read three, in ``preprocess.with_neighbours``'s order: its image channel
     becomes the centre one (1), its other channels move up to 3 and on in order (the ``DROPPED`` ones go), and
     every weight reading the neighbours (channels 0 and 2) is zero, so the wider model computes what ``model``
     computes with the ``DROPPED`` channels held at zero."""
     c = config.channels
     kept = [0] + [j for j in range(1, c) if j not in DROPPED]  # old channels, in order
     new_of = [1] + list(range(3, c))  # where each kept one goes
-    wide = MedNCA(config, preprocessing=model.preprocessing)
+    wide = MedNCA(config, preprocessing=replace(model.preprocessing, context=1))
     with torch.no_grad():
         for old, new in zip(model.backbones, wide.backbones, strict=True):
             for name in ("perceive.bias", "fc0.bias"):
@@ -60,31 +60,6 @@ def widen(model: MedNCA, config: NCAConfig) -> MedNCA:
             new.fc1.weight.zero_()
             new.fc1.weight[new_of] = old.fc1.weight[kept]
     return wide
-
-
-def with_neighbours(images: torch.Tensor, case_index: torch.Tensor) -> torch.Tensor:
-    """``[N, 1, h, w]`` slices, in order within each case -> ``[N, 3, h, w]``: the slice before, the slice, the
-    slice after; at a scan's first and last slice the missing neighbour is the slice itself."""
-    n = len(images)
-    i = torch.arange(n)
-    before = torch.where((i > 0) & (case_index[(i - 1).clamp(min=0)] == case_index), i - 1, i)
-    after = torch.where((i < n - 1) & (case_index[(i + 1).clamp(max=n - 1)] == case_index), i + 1, i)
-    return torch.cat([images[before], images, images[after]], dim=1)
-
-
-def native_whole_dice(model, cases, prep: Preprocessing, context: bool) -> list[float]:
-    """Whole-structure Dice of each case at its own resolution, labelled as inference labels (one run, seed 0)."""
-    out = []
-    for case in cases:
-        img = torch.from_numpy(np.moveaxis(case.image.astype(np.float32), prep.axis, 0).copy())
-        inputs = prepare_slices(img, model.config.input_size, prep)
-        if context:
-            inputs = with_neighbours(inputs, torch.zeros(len(inputs), dtype=torch.long))
-        prob = restore_slices(torch.sigmoid(slice_logits(model, inputs, 0)), tuple(img.shape[-2:]))
-        pred = predict_masks(torch.logit(prob.clamp(1e-6, 1 - 1e-6)))
-        truth = torch.from_numpy(np.moveaxis(case.labels, prep.axis, 0) > 0).unsqueeze(1)
-        out.append(hard_dice(pred, truth, ())["whole"])  # "whole": the union of the predicted classes
-    return out
 
 
 def main(argv=None) -> None:
@@ -105,22 +80,18 @@ def main(argv=None) -> None:
             f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
     context = args.arm == "context"
-    if context:  # see the module docstring: a measurement, never a model file
-        mednca.model.check_architecture = lambda d: None
     config = replace(HIPPOCAMPUS, input_channels=3 if context else 1)
-    prep = Preprocessing()
+    prep = Preprocessing(context=1 if context else 0)
     recipe = Recipe(crop=32, augment=False, whole_dice=6.0)
     init = None
     if args.warm:
         init = load_model("hippocampus")
-        config, prep = replace(init.config, input_channels=config.input_channels), init.preprocessing
+        config = replace(init.config, input_channels=config.input_channels)
+        prep = replace(init.preprocessing, context=prep.context)
         init = widen(init, config) if context else init
         recipe = replace(recipe, lr=2e-4, foreground_crops=0.0)
     cases = load_cases(args.data, prep.orientation)
     slices = build_slices(cases, config, prep)
-    if context:
-        slices = SliceSet(with_neighbours(slices.images, slices.case_index), slices.labels, slices.case_index,
-                          slices.case_ids)
     log(f"arm {args.arm}; input channels {config.input_channels}; recipe {recipe}; iterations {args.iterations}; "
         f"batch {args.batch}; {len(cases)} cases")
     run = train_iter(slices, config=config, preprocessing=prep, recipe=recipe, iterations=args.iterations,
@@ -136,7 +107,7 @@ def main(argv=None) -> None:
     except StopIteration as stop:
         model = stop.value
     held_out = [c for c in cases if c.case_id in set(model.provenance["validation_cases"])]
-    dice = native_whole_dice(model, held_out, prep, context)
+    dice = [native_dice(model, case.image, case.labels)["whole"] for case in held_out]  # one run, seed 0
     log("native whole Dice, one run: " + " ".join(f"{c.case_id}={x:.4f}" for c, x in zip(held_out, dice, strict=True)))
     log(f"native whole Dice, mean of {len(dice)} held-out cases: {float(np.mean(dice)):.4f}")
 
