@@ -23,7 +23,8 @@ from mednca.inference import segment, slice_axis
 from mednca.model import MedNCA
 from mednca.model_schema import SchemaError
 from mednca.preprocess import Preprocessing, with_neighbours
-from mednca.training import native_masks, new_model, train
+from mednca.registry import list_models, save_user_model
+from mednca.training import Recipe, native_masks, new_model, train
 from mednca.volume import Volume
 
 CONTEXT = Preprocessing(context=1)
@@ -125,7 +126,8 @@ def test_artefacts_on_training_stacks_are_rescaled_channel_by_channel():
     stack = with_neighbours(torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(1)), 1)
     out = add_artefacts(stack, 1.0, torch.Generator().manual_seed(2))
     assert out.shape == stack.shape
-    assert torch.allclose(out.amin((-2, -1)), torch.zeros(6, 3)) and torch.allclose(out.amax((-2, -1)), torch.ones(6, 3))
+    assert torch.allclose(out.amin((-2, -1)), torch.zeros(6, 3))
+    assert torch.allclose(out.amax((-2, -1)), torch.ones(6, 3))
 
 
 def test_a_model_reads_as_many_input_channels_as_its_preprocessing_gives():
@@ -135,8 +137,10 @@ def test_a_model_reads_as_many_input_channels_as_its_preprocessing_gives():
         train([toy_case(0)], config=WIDE, iterations=1)
 
 
-def test_the_model_file_records_the_neighbours_and_a_one_slice_file_stays_as_it_was(model, tmp_path):
-    loaded = load_model_file(save_model(model, tmp_path / "wide.safetensors"))
+def test_the_model_file_records_the_neighbours_and_a_one_slice_file_stays_as_it_was(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDNCA_MODELS_DIR", str(tmp_path))
+    loaded = load_model_file(save_user_model(model, "wide"))
+    assert "reads 1 neighbouring slice on each side" in next(e for e in list_models() if e.name == "wide").summary
     assert loaded.preprocessing == CONTEXT and loaded.config.input_channels == 3
     volume = scan()
     np.testing.assert_array_equal(segment(loaded, volume).probabilities, segment(model, volume).probabilities)
@@ -167,8 +171,6 @@ def test_training_and_fine_tuning_a_model_that_reads_neighbours():
 
 def test_training_data_with_augmentation_keeps_the_stack(tmp_path):
     cases = load_cases([toy_case(i, shape=(20, 20, 8)) for i in range(2)])
-    from mednca.training import Recipe
-
     recipe = Recipe(crop=8, artefacts=0.5, thick_across=0.5, spatial=0.5)
     trained = train(cases, config=WIDE, preprocessing=CONTEXT, recipe=recipe, iterations=4, batch_size=4,
                     val_fraction=0.5, eval_every=2)

@@ -44,6 +44,9 @@ class ModelEntry:
         whole = held_out.get("whole") if isinstance(held_out, dict) else None
         if isinstance(whole, (int, float)) and not isinstance(whole, bool):
             text += f"; whole Dice {whole:.3f} on {held_out.get('cases', '?')} held-out cases"
+        context = self.metadata.get("preprocessing", {}).get("context", 0)  # an integer: the schema checked it
+        if context:
+            text += f"; reads {context} neighbouring slice{'s' if context > 1 else ''} on each side"
         return printable(text)
 
 
