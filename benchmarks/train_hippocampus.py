@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--init {args.init} reads {init.preprocessing.context} neighbouring slices on each side")
     rebind = {**({"output_channels": 1, "class_names": WHOLE} if args.one_class else {}),
               **({"steps": tuple(args.steps)} if args.steps else {})}
-    config = replace(HIPPOCAMPUS, **rebind, input_channels=1 + 2 * args.context)
+    prep = Preprocessing(context=args.context)
+    config = replace(HIPPOCAMPUS, **rebind, input_channels=prep.input_channels)
     if init is not None and rebind:
         init.config = replace(init.config, **rebind)
     state = out / "training_state.safetensors"
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{fmt(baseline_probe_dice(init, cases, args.eval_slices))} (the starting model {args.init})")
     gen = train_iter(
         cases, config=config, recipe=recipe, iterations=args.iterations, batch_size=args.batch,
-        preprocessing=Preprocessing(context=args.context), val_fraction=VAL_FRACTION, seed=SEED,
+        preprocessing=prep, val_fraction=VAL_FRACTION, seed=SEED,
         checkpoint_path=state, checkpoint_every=250, resume=True,
         eval_every=args.eval_every, eval_slices=args.eval_slices, best_path=out / "best.safetensors",
         provenance=DATA_NOTE, log_every=100, init_model=init, workers=args.workers,

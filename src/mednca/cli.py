@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .artefacts import ARTEFACTS, CLEAN, parse_artefacts
 from .batch import Job, batch_summary, find_scans, plan
 from .checkpoint import read_metadata, save_model
-from .data import data_pairs, dataset_config
+from .data import data_pairs
 from .errors import MedNCAError
 from .evaluation import EvaluationReport, ScoreTable, evaluate_iter, select_cases
 from .finetuning import FINETUNE, finetune_iter
@@ -664,8 +664,7 @@ def cmd_train(args) -> int:
             raise MedNCAError(f"--init {args.init} reads {have} neighbouring slices on each side, not --context "
                               f"{args.context}: a model keeps the inputs it was trained on")
     elif args.context:
-        options["preprocessing"] = Preprocessing(context=args.context)
-        options["config"] = replace(dataset_config(args.data), input_channels=1 + 2 * args.context)
+        options["preprocessing"] = Preprocessing(context=args.context)  # train_iter gives the model its channels
     recipe = AUTHORS_RECIPE if args.authors_recipe else Recipe()
     if args.crop is not None:
         recipe = replace(recipe, crop=args.crop)

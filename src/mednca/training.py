@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -366,7 +366,8 @@ def train_iter(
     ``started_from``. ``provenance`` (e.g. the data and its licence) is added to the model's provenance with
     the training setup.
     Without ``config``, a Decathlon folder's dataset.json names the classes (its name and licence go into
-    the provenance); other data gets the two-class hippocampus architecture.
+    the provenance); other data gets the two-class hippocampus architecture; either reads as many input
+    channels as ``preprocessing`` gives (the slice and its neighbours).
     ``workers`` > 1 shares every batch among that many processes (this one and ``workers - 1`` started for
     the run, each on one torch thread; give this one a single thread too): they draw the same batches,
     crops and firing cells as one process would, so the training is the same up to rounding, and a
@@ -374,15 +375,17 @@ def train_iter(
     sample, so on two free cores they should train 1.6 to 1.8 times as fast, where two threads in one
     process do not (``mednca.data_parallel``).
     """
+    if init_model is not None:
+        config, preprocessing = init_model.config, init_model.preprocessing
+    prep = preprocessing or Preprocessing()
+    if config is None:
+        base = dataset_config(data) if isinstance(data, str | os.PathLike) else HIPPOCAMPUS
+        config = replace(base, input_channels=prep.input_channels)
     if isinstance(data, str | os.PathLike):
-        config = config or dataset_config(data)
         provenance = {**dataset_provenance(data), **(provenance or {})}
-    config = config or HIPPOCAMPUS
     recipe = recipe or Recipe()
     if lr is not None:
         recipe = Recipe(**{**asdict(recipe), "lr": lr})
-    if init_model is not None:
-        config, preprocessing = init_model.config, init_model.preprocessing
     if not 1 <= recipe.crop <= min(config.input_size):
         raise MedNCAError(f"the training crop must be 1 to {min(config.input_size)} pixels, not {recipe.crop}")
     if not 0.0 <= recipe.artefacts <= 1.0:
@@ -395,7 +398,6 @@ def train_iter(
         raise MedNCAError(f"the whole structure's Dice weight must be 0 to 100, not {recipe.whole_dice}")
     if not 1 <= workers <= batch_size:
         raise MedNCAError(f"training needs 1 to batch size ({batch_size}) worker processes, not {workers}")
-    prep = preprocessing or Preprocessing()
     check_inputs(config.input_channels, prep.context)  # before the data are read, not after
     slices = _prepare_data(data, config, prep)
     train_cases, val_cases = split_cases(len(slices.case_ids), val_fraction, seed)
