@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from cli_support import make_task, tiny_model_file
-from test_orientation import reoriented
+from orientation_support import reoriented
 from training_support import TINY, toy_case
 
 from mednca.augmentation import TRAINING_ARTEFACTS, add_artefacts, apply_artefact, rescale_each, thicken_across

@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+from orientation_support import reoriented
 
 from mednca.inference import quality_map, record_growth, segment, slice_axis
 from mednca.model import MedNCA
@@ -24,13 +24,6 @@ CASE = "hippocampus_056"  # held out from the shipped models' training
 # DICOM's order, one flip, permuted, permuted and flipped, the slice axis reversed
 ORIENTATIONS = ["LPS", "LAS", "PIR", "ASL", "RAI"]
 ALL_CODES = ["".join(p) for axes in itertools.permutations(("LR", "AP", "SI")) for p in itertools.product(*axes)]
-
-
-def reoriented(volume: Volume, codes: str) -> Volume:
-    """``volume`` stored in another index order: the same voxels in the same places of the patient."""
-    transform = ornt_transform(axcodes2ornt(tuple(axis_codes(volume.affine))), axcodes2ornt(tuple(codes)))
-    array = np.ascontiguousarray(apply_orientation(volume.array, transform))
-    return Volume(array, volume.affine @ inv_ornt_aff(transform, volume.shape))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
