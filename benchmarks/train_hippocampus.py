@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                "schedule": args.schedule, "final_lr_fraction": args.final_lr_fraction, "artefacts": args.artefacts,
                "thick_across": args.thick_across, "spatial": args.spatial,
                "whole_dice": args.whole_dice}
-    base = AUTHORS_RECIPE if args.authors_recipe else Recipe()
-    recipe = replace(base, **{k: v for k, v in changes.items() if v is not None})
+    recipe = (AUTHORS_RECIPE if args.authors_recipe else Recipe()).given(**changes)
     init = None if args.init is None else load_model(args.init)
     if init is not None and args.context not in (0, init.preprocessing.context):
         parser.error(f"--init {args.init} reads {init.preprocessing.context} neighbouring slices on each side")

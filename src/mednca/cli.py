@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -665,17 +664,9 @@ def cmd_train(args) -> int:
                               f"{args.context}: a model keeps the inputs it was trained on")
     elif args.context:
         options["preprocessing"] = Preprocessing(context=args.context)  # train_iter gives the model its channels
-    recipe = AUTHORS_RECIPE if args.authors_recipe else Recipe()
-    if args.crop is not None:
-        recipe = replace(recipe, crop=args.crop)
-    if args.no_augment:
-        recipe = replace(recipe, augment=False)
-    if args.artefacts is not None:
-        recipe = replace(recipe, artefacts=args.artefacts)
-    if args.thick_across is not None:
-        recipe = replace(recipe, thick_across=args.thick_across)
-    if args.spatial is not None:
-        recipe = replace(recipe, spatial=args.spatial)
+    recipe = (AUTHORS_RECIPE if args.authors_recipe else Recipe()).given(
+        crop=args.crop, augment=False if args.no_augment else None, artefacts=args.artefacts,
+        thick_across=args.thick_across, spatial=args.spatial)
     options["recipe"] = recipe
     data_pairs(args.data)  # a bad folder is reported now, with its reason, not by the training loop
     print(f"reading {args.data} ...", file=sys.stderr)

@@ -85,6 +85,10 @@ class Recipe:
     spatial: float = 0.0
     whole_dice: float = 0.0
 
+    def given(self, **options) -> Recipe:
+        """This recipe with the options a command line was given; one left at None keeps this recipe's value."""
+        return replace(self, **{name: value for name, value in options.items() if value is not None})
+
     def lr_at(self, iteration: int, total: int) -> float:
         if self.schedule == "exponential":
             return self.lr * self.gamma**iteration
