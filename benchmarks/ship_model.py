@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.new_lineage:
         chain = lineage(stage, args.stages)
         provenance["stages"] = [stage_entry(s, f, t) for s, f, t in zip(chain, args.stages, texts, strict=True)]
+        provenance["seed"], provenance["validation_cases"] = stage["seed"], stage["validation_cases"]  # its own split
         provenance["iterations"] = sum(s["iterations"] for s in chain)
         provenance["train_seconds"] = round(sum(s["train_seconds"] for s in chain), 1)
     else:
